@@ -1,0 +1,61 @@
+"""The `textbook` command: one subcommand per stage.
+
+    textbook generate --set generate.n_exercises=8
+    textbook config            # print the resolved config
+    textbook config --keys     # every key with its default and help text
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import yaml
+
+from .config import ConfigError, RunConfig, describe, to_dict
+from .records import RecordError
+from .stage import add_common_arguments, load_stage_config
+
+# stage name -> module with a `main(args) -> int`
+STAGES = {
+    "generate": "Generate textbook sections and exercises with the teacher LLM.",
+}
+
+
+def _config_main(args: argparse.Namespace) -> int:
+    if args.keys:
+        for key, default, help_text in describe(RunConfig):
+            print(f"{key} = {default}\n    {help_text}")
+        return 0
+    cfg, _ = load_stage_config(args)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textbook", description="phi-1 'Textbooks Are All You Need' pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_common_arguments(p)
+    p = sub.add_parser("config", help="Print the resolved config, or every key with --keys.")
+    add_common_arguments(p)
+    p.add_argument("--keys", action="store_true", help="List every config key with its default and help.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            return _config_main(args)
+        module = importlib.import_module(f"pipeline.{args.command}")
+        return module.main(args)
+    except (ConfigError, RecordError) as exc:
+        print(f"textbook {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

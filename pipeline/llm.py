@@ -1,0 +1,347 @@
+"""The one LLM client: every text generation in the project goes through it.
+
+It speaks the OpenAI protocol (the `openai` package) to any endpoint: a managed local
+llama.cpp or vLLM server, the OpenAI API, or any compatible base URL. On top it adds what
+a long synthetic-data run needs:
+
+- bounded concurrency and a token bucket on requests and tokens per minute;
+- retries with exponential backoff and full jitter on 429, 5xx, timeouts, dropped
+  connections and malformed responses, honouring Retry-After, then a recorded failure;
+- a content-addressed request cache in SQLite (WAL), durable across kill -9: a resumed
+  run re-sends nothing that succeeded, and a re-run with the same config sends nothing;
+- a usage ledger (tokens and cost per request) and a budget cap.
+
+    python -c "import asyncio; from pipeline.llm import *; print(request_key('m', 'chat', [{'role':'user','content':'hi'}], None, {}))"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from .config import ClientConfig, ConfigError, ModelPreset
+from .records import dumps, sha256_text
+
+log = logging.getLogger(__name__)
+
+# Error classes recorded when a request finally fails, and whether they are retried.
+RETRYABLE = {"rate_limit", "server_error", "timeout", "connection", "malformed_response"}
+
+
+class BudgetExhausted(RuntimeError):
+    """The budget cap is reached: no new request is sent."""
+
+
+def request_key(model_identity: str, api: str, messages: list | None, prompt: str | None, params: dict) -> str:
+    """Content address of a request: model identity, api, input and every sampling parameter (seed included)."""
+    return sha256_text(dumps({"model": model_identity, "api": api, "messages": messages, "prompt": prompt, "params": params}))
+
+
+def resolve_api_key(preset: ModelPreset) -> str:
+    """The key comes from the environment only; a remote endpoint without one fails before any work."""
+    if preset.api_key_env:
+        key = os.environ.get(preset.api_key_env, "")
+        if not key:
+            raise ConfigError(
+                f"preset '{preset.name}' needs an API key in the environment variable {preset.api_key_env}, which is not set"
+            )
+        return key
+    return "not-needed"  # local servers ignore the key; the openai package insists on one
+
+
+@dataclass
+class LLMRequest:
+    id: str
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class LLMResult:
+    id: str
+    key: str
+    choices: list[dict] = field(default_factory=list)  # [{"text": ..., "finish_reason": ...}]
+    usage: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    cost_usd: float = 0.0
+    cached: bool = False
+    attempts: int = 0
+    error: str | None = None  # error class when the request finally failed
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class RequestCache:
+    """SQLite in WAL mode: each finished request is committed before it is used, so kill -9 loses none."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash can lose the last commits.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, model TEXT, response TEXT, created REAL)"
+        )
+
+    def get(self, key: str) -> dict | None:
+        row = self._db.execute("SELECT response FROM responses WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, model: str, response: dict) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)", (key, model, dumps(response), time.time())
+        )
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class TokenBucket:
+    """Refills `per_minute` units per minute with a one-second burst; a larger single take runs into debt."""
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(self.rate, 1.0)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    async def take(self, amount: float) -> None:
+        if self.rate <= 0:
+            return
+        async with self._lock:
+            need = min(amount, self.capacity)
+            self._refill()
+            while self.tokens < need:
+                await asyncio.sleep((need - self.tokens) / self.rate)
+                self._refill()
+            self.tokens -= amount
+
+    def give_back(self, amount: float) -> None:
+        """Correct an estimate once the real usage is known (negative amount = take more)."""
+        if self.rate > 0:
+            self._refill()
+            self.tokens = min(self.capacity, self.tokens + amount)
+
+
+@dataclass
+class Ledger:
+    """Usage of one run. `*_total` covers every record of the dataset, cached ones included."""
+
+    requests_sent: int = 0
+    cache_hits: int = 0
+    failed: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd_total: float = 0.0
+    cost_usd_this_run: float = 0.0
+    errors: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["cost_usd_total"] = round(self.cost_usd_total, 6)
+        d["cost_usd_this_run"] = round(self.cost_usd_this_run, 6)
+        return d
+
+
+def _classify(exc: BaseException) -> tuple[str, float | None]:
+    """(error class, Retry-After seconds if the server sent one)."""
+    if isinstance(exc, openai.APIStatusError):
+        retry_after = None
+        header = exc.response.headers.get("retry-after") if exc.response is not None else None
+        if header:
+            try:
+                retry_after = float(header)
+            except ValueError:
+                retry_after = None
+        if exc.status_code == 429:
+            return "rate_limit", retry_after
+        if exc.status_code >= 500:
+            return "server_error", retry_after
+        return f"http_{exc.status_code}", None
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout", None
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection", None
+    if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError, ValueError, KeyError, TypeError)):
+        return "malformed_response", None
+    return type(exc).__name__, None
+
+
+def lookup(cache: RequestCache | None, preset: ModelPreset, req: LLMRequest) -> LLMResult | None:
+    """The cached result of a request, or None. Lets a stage skip starting a server when all are cached."""
+    if cache is None:
+        return None
+    key = request_key(preset.identity(), preset.api, req.messages, req.prompt, req.params)
+    hit = cache.get(key)
+    if hit is None:
+        return None
+    return LLMResult(id=req.id, key=key, choices=hit["choices"], usage=hit["usage"],
+                     cost_usd=hit["cost_usd"], cached=True, attempts=0)
+
+
+class LLMClient:
+    """Async client for one model endpoint. Use as `async with LLMClient(...) as client`."""
+
+    def __init__(
+        self,
+        preset: ModelPreset,
+        base_urls: list[str],
+        cfg: ClientConfig,
+        cache: RequestCache | None = None,
+        on_result: Callable[[LLMResult], None] | None = None,
+        rng_seed: int = 0,
+    ):
+        self.preset = preset
+        self.cfg = cfg
+        self.cache = cache
+        self.on_result = on_result
+        self.ledger = Ledger()
+        self.identity = preset.identity()
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._rpm = TokenBucket(cfg.requests_per_minute)
+        self._tpm = TokenBucket(cfg.tokens_per_minute)
+        self._jitter = random.Random(rng_seed)  # jitter only changes timing, never outputs
+        self._http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
+            timeout=httpx.Timeout(cfg.timeout_s, connect=min(cfg.timeout_s, 10.0)),
+        )
+        api_key = resolve_api_key(preset)
+        # Several base URLs = several replicas of a local server; each request goes to the least busy.
+        self._clients = [
+            openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, http_client=self._http, timeout=cfg.timeout_s)
+            for url in base_urls
+        ]
+        self._inflight = [0] * len(self._clients)
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def key(self, req: LLMRequest) -> str:
+        return request_key(self.identity, self.preset.api, req.messages, req.prompt, req.params)
+
+    async def generate(self, req: LLMRequest) -> LLMResult:
+        result = lookup(self.cache, self.preset, req)
+        if result is not None:
+            self.ledger.cache_hits += 1
+            self._account(result)
+        else:
+            if self.cfg.budget_usd and self.ledger.cost_usd_total >= self.cfg.budget_usd:
+                raise BudgetExhausted(f"budget of ${self.cfg.budget_usd} reached")
+            async with self._sem:
+                result = await self._send_with_retries(req)
+        if self.on_result:
+            self.on_result(result)
+        return result
+
+    def _account(self, result: LLMResult, sent: bool = False) -> None:
+        led = self.ledger
+        led.prompt_tokens += result.usage.get("prompt_tokens", 0)
+        led.completion_tokens += result.usage.get("completion_tokens", 0)
+        led.cost_usd_total += result.cost_usd
+        if sent:
+            led.cost_usd_this_run += result.cost_usd
+
+    async def _send_with_retries(self, req: LLMRequest) -> LLMResult:
+        key = self.key(req)
+        max_tokens = int(req.params.get("max_tokens", 0))
+        estimate = len(dumps(req.messages or req.prompt)) // 4 + max_tokens * int(req.params.get("n", 1))
+        attempts = length_tries = 0
+        while True:
+            attempts += 1
+            await self._rpm.take(1)
+            await self._tpm.take(estimate)
+            self.ledger.requests_sent += 1
+            try:
+                choices, usage = await self._call(req)
+            except Exception as exc:  # classified below; anything unknown is a final failure
+                self._tpm.give_back(estimate)
+                err, retry_after = _classify(exc)
+                if err in RETRYABLE and attempts <= self.cfg.max_retries:
+                    self.ledger.retries += 1
+                    await asyncio.sleep(self._backoff(attempts, retry_after))
+                    continue
+                self.ledger.failed += 1
+                self.ledger.errors[err] = self.ledger.errors.get(err, 0) + 1
+                log.warning("request %s failed after %d attempt(s): %s: %s", req.id, attempts, err, exc)
+                return LLMResult(id=req.id, key=key, attempts=attempts, error=err, error_message=str(exc)[:500])
+            spent = usage["prompt_tokens"] + usage["completion_tokens"]
+            self._tpm.give_back(estimate - spent)
+            cut = any(c["finish_reason"] != "stop" for c in choices)
+            if cut and length_tries < self.cfg.length_retries:
+                length_tries += 1
+                self.ledger.retries += 1
+                continue
+            cost = self.preset.price.cost(usage["prompt_tokens"], usage["completion_tokens"])
+            result = LLMResult(id=req.id, key=key, choices=choices, usage=usage, cost_usd=cost, attempts=attempts)
+            if self.cache is not None:
+                self.cache.put(key, self.identity, {"choices": choices, "usage": usage, "cost_usd": cost})
+            self._account(result, sent=True)
+            return result
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.cfg.backoff_max_s)
+        ceiling = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
+        return self._jitter.uniform(0, ceiling)
+
+    async def _call(self, req: LLMRequest) -> tuple[list[dict], dict]:
+        p = dict(req.params)
+        kwargs: dict[str, Any] = {"model": self.preset.model}
+        for name in ("temperature", "top_p", "max_tokens", "n", "seed"):
+            if p.get(name) is not None:
+                kwargs[name] = p[name]
+        if p.get("stop"):
+            kwargs["stop"] = p["stop"]
+        idx = min(range(len(self._clients)), key=self._inflight.__getitem__)
+        client = self._clients[idx]
+        self._inflight[idx] += 1
+        try:
+            if self.preset.api == "chat":
+                resp = await client.chat.completions.create(messages=req.messages, **kwargs)
+                choices = [{"text": c.message.content or "", "finish_reason": c.finish_reason} for c in resp.choices]
+            else:
+                resp = await client.completions.create(prompt=req.prompt, **kwargs)
+                choices = [{"text": c.text or "", "finish_reason": c.finish_reason} for c in resp.choices]
+        finally:
+            self._inflight[idx] -= 1
+        if not choices:
+            raise ValueError("response has no choices")
+        u = resp.usage
+        usage = {
+            "prompt_tokens": int(getattr(u, "prompt_tokens", 0) or 0),
+            "completion_tokens": int(getattr(u, "completion_tokens", 0) or 0),
+        }
+        return choices, usage

@@ -1,0 +1,84 @@
+"""Records I/O: canonical JSONL, atomic writes, sorted by id.
+
+Every stage reads and writes records as JSON Lines with one canonical encoding (sorted
+keys, UTF-8, no ASCII escaping) so that the same records give byte-identical files.
+
+    python -c "from pipeline.records import read_jsonl; print(len(read_jsonl('data/generate/exercises.jsonl')))"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+class RecordError(ValueError):
+    """A records file or a record in it is malformed; the message names the file and line."""
+
+
+def dumps(obj: Any) -> str:
+    """Canonical JSON: the one encoding used for files, hashes and cache keys."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file + rename, so a killed stage never leaves a half-written output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict], sort_key: str | None = "id") -> int:
+    rows = list(records)
+    if sort_key:
+        rows.sort(key=lambda r: r[sort_key])
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """Read records; a bad line or a record missing a required field names the file, line and id."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"records file not found: {path}")
+    required = tuple(required)
+    out = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise RecordError(f"{path}:{lineno}: not UTF-8 ({exc.reason})") from None
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise RecordError(f"{path}:{lineno}: a record must be a JSON object")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise RecordError(f"{path}:{lineno}: record {rec.get('id', '?')!r} is missing field(s) {missing}")
+            out.append(rec)
+    return out

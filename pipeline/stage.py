@@ -1,0 +1,38 @@
+"""What every stage's thin CLI shares: config loading with overrides, the resolved config
+written beside the outputs, logging.
+
+    textbook generate --config params.yaml --set generate.n_exercises=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import yaml
+
+from .config import RunConfig, load_config, resolved_dict
+from .records import atomic_write_text
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="params.yaml", help="Params file (default: params.yaml).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override a config key, e.g. --set generate.n_exercises=10 (repeatable).")
+    parser.add_argument("-q", "--quiet", action="store_true", help="No progress bar.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+
+
+def load_stage_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: far too chatty for thousands of requests.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    path = Path(args.config)
+    return load_config(path, args.overrides), path
+
+
+def write_resolved_config(cfg: RunConfig, configs_root: Path, stage: str, out_dir: Path) -> None:
+    text = yaml.safe_dump(resolved_dict(cfg, configs_root, stage), sort_keys=True, allow_unicode=True)
+    atomic_write_text(out_dir / "resolved_config.yaml", text)

@@ -1,0 +1,208 @@
+"""The generate stage against real local HTTP servers: faults, kill -9, cache, budget, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main as cli_main
+from pipeline.config import ConfigError, load_config
+from pipeline.fakeserver import FAULTS, FakeOpenAIServer
+from pipeline.generate import (
+    ParseError,
+    load_prompt_space,
+    parse_exercise,
+    parse_textbook,
+    run_generate,
+    sample_specs,
+)
+
+from .conftest import REPO, add_preset, fake_params, make_project
+
+OUTPUTS = ("exercises.jsonl", "textbooks.jsonl", "rejected.jsonl", "coverage.json")
+
+
+def run(project: Path, *overrides: str) -> dict:
+    return run_generate(load_config(project / "params.yaml", list(overrides)), project / "params.yaml", progress=False)
+
+
+def outputs(project: Path, out: str = "data/generate") -> dict[str, bytes]:
+    return {name: (project / out / name).read_bytes() for name in OUTPUTS}
+
+
+def use_server(project: Path, url: str, **preset) -> None:
+    add_preset(project, "fake", engine="remote", model="fake-model", api="chat", base_url=url, **preset)
+
+
+def test_clean_run_writes_parsed_records_sorted_by_id(fake_project, fake_server):
+    stats = run(fake_project)
+    ex = [json.loads(x) for x in (fake_project / "data/generate/exercises.jsonl").read_text().splitlines()]
+    tb = [json.loads(x) for x in (fake_project / "data/generate/textbooks.jsonl").read_text().splitlines()]
+    assert stats["kept"] == {"exercise": 12, "textbook": 3} and stats["rejected"] == 0
+    assert [r["id"] for r in ex] == sorted(r["id"] for r in ex)
+    rec = ex[0]
+    for key in ("id", "kind", "attributes", "prompt_hash", "model", "sampling", "raw", "parsed", "usage", "finish_reason"):
+        assert key in rec, key
+    assert rec["parsed"]["function_name"] in rec["parsed"]["prompt"]
+    assert "assert" in rec["parsed"]["tests"] and rec["parsed"]["solution"].strip().startswith("return")
+    assert tb[0]["parsed"]["code_blocks"]
+    cov = json.loads((fake_project / "data/generate/coverage.json").read_text())
+    assert cov["duplicate_prompt_rate"] == 0 and cov["distinct_function_names"] == 12
+    resolved = yaml.safe_load((fake_project / "data/generate/resolved_config.yaml").read_text())
+    assert resolved["generate"]["teacher"] == "fake" and resolved["presets"]["fake"]["base_url"] == fake_server.base_url
+
+
+def test_faulty_server_ends_with_the_clean_dataset(fake_project, fake_server, tmp_path):
+    run(fake_project)
+    clean = outputs(fake_project)
+    fake_server.stop()  # the same endpoint (URL, model) comes back, now faulty
+    with FakeOpenAIServer(port=fake_server.port, faults=FAULTS, faults_per_request=2, hang_s=2.5) as faulty:
+        stats = run(fake_project, "generate.output_dir=data/faulty", "generate.cache_path=data/faulty.sqlite",
+                    "generate.client.timeout_s=1.0", "generate.client.length_retries=2")
+        assert set(faulty.state.injected) == set(FAULTS)
+    assert outputs(fake_project, "data/faulty") == clean
+    assert stats["ledger_this_run"]["retries"] > 0 and stats["ledger_this_run"]["failed"] == 0
+
+
+def test_rerun_sends_no_request_and_is_byte_identical(fake_project, fake_server):
+    run(fake_project)
+    first = outputs(fake_project)
+    sent = fake_server.state.requests
+    fake_server.stop()  # nothing may be sent: the server is gone
+    stats = run(fake_project)
+    assert outputs(fake_project) == first
+    assert stats["ledger_this_run"] == {} and fake_server.state.requests == sent
+
+
+def test_same_seed_same_prompts_other_seed_other_prompts():
+    space = load_prompt_space(REPO / "prompts")
+    assert sample_specs(space, 50, 5, seed=1) == sample_specs(space, 50, 5, seed=1)
+    assert sample_specs(space, 50, 5, seed=1) != sample_specs(space, 50, 5, seed=2)
+    specs = sample_specs(space, 300, 0, seed=3)
+    assert len({json.dumps(s["attributes"], sort_keys=True) for s in specs}) == 300  # no repeated combination
+
+
+def _stage_cmd(project: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "generate", "-q", "--config", str(project / "params.yaml")]
+
+
+def test_kill9_mid_run_resumes_without_resending(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    params = fake_params(n_exercises=40, n_textbooks=0, concurrency=2)
+    with FakeOpenAIServer() as clean_srv:  # the uninterrupted reference run
+        clean = make_project(tmp_path / "clean", params)
+        use_server(clean, clean_srv.base_url)
+        subprocess.run(_stage_cmd(clean), cwd=clean, env=env, check=True)
+    project = make_project(tmp_path / "p", params)
+    with FakeOpenAIServer(port=clean_srv.port, latency_s=0.05) as srv:  # same endpoint, slower
+        use_server(project, srv.base_url)
+        proc = subprocess.Popen(_stage_cmd(project), cwd=project, env=env)
+        deadline = time.monotonic() + 60
+        while sum(srv.state.successes.values()) < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        answered_before = set(srv.state.successes)
+        with sqlite3.connect(project / "data/cache/requests.sqlite") as db:
+            committed = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        assert 12 <= len(answered_before) < 40 and committed >= len(answered_before) - 2
+        assert not (project / "data/generate/exercises.jsonl").exists()  # killed before any output
+        srv.state.attempts.clear()
+        srv.state.successes.clear()
+        subprocess.run(_stage_cmd(project), cwd=project, env=env, check=True)
+        resent = answered_before & set(srv.state.attempts)
+        # Only requests answered but not yet committed when the kill landed (at most the
+        # two in flight) may go out again; everything committed is served from the cache.
+        assert len(resent) <= len(answered_before) - committed <= 2
+    assert outputs(project) == outputs(clean)
+
+
+def test_budget_cap_stops_cleanly_and_resumes(fake_project, fake_server):
+    # Each fake answer costs about $0.0002 at these prices: stop after a few.
+    stats = run(fake_project, "generate.client.budget_usd=0.0008", "generate.client.concurrency=1")
+    assert stats["stopped_by_budget"] and 0 < stats["completed"] < 15
+    assert stats["not_attempted"] == 15 - stats["completed"]
+    kept = (fake_project / "data/generate/exercises.jsonl").read_text().splitlines()
+    assert len(kept) == stats["kept"]["exercise"] > 0
+    first_completed, sent = stats["completed"], fake_server.state.requests
+    stats = run(fake_project)  # no cap: finishes, re-sending nothing already paid for
+    assert stats["completed"] == 15 and not stats["stopped_by_budget"]
+    assert fake_server.state.requests - sent == 15 - first_completed
+
+
+def test_cut_and_unparseable_answers_go_to_rejected_with_reason(fake_project):
+    with FakeOpenAIServer(faults=("length", "malformed"), faults_per_request=5) as srv:
+        srv._fault_for = lambda digest, attempt: "length" if int(digest[:2], 16) % 2 else None
+        use_server(fake_project, srv.base_url)
+        stats = run(fake_project, "generate.client.length_retries=1")
+    rejected = [json.loads(x) for x in (fake_project / "data/generate/rejected.jsonl").read_text().splitlines()]
+    assert rejected and all(r["reason"] == "finish_reason=length" and r["raw"] for r in rejected)
+    assert stats["rejected_by_reason"] == {"finish_reason=length": len(rejected)}
+    assert stats["kept"]["exercise"] + stats["kept"]["textbook"] + len(rejected) == 15
+
+
+def test_unreachable_endpoint_records_failed_requests(project):
+    use_server(project, "http://127.0.0.1:9/v1")
+    stats = run(project, "generate.client.max_retries=1")
+    assert stats["rejected_by_reason"] == {"request_failed:connection": 15}
+    assert stats["kept"] == {"exercise": 0, "textbook": 0}
+
+
+def test_missing_api_key_is_a_clear_error_before_any_work(project, fake_server, monkeypatch, capsys):
+    monkeypatch.delenv("FAKE_SECRET_KEY", raising=False)
+    use_server(project, fake_server.base_url, api_key_env="FAKE_SECRET_KEY")
+    assert cli_main(["generate", "-q"]) == 2
+    assert "FAKE_SECRET_KEY" in capsys.readouterr().err
+    assert fake_server.state.requests == 0 and not (project / "data").exists()
+
+
+def test_api_key_never_reaches_outputs(project, fake_server, monkeypatch):
+    monkeypatch.setenv("FAKE_SECRET_KEY", "sk-very-secret-value-123")
+    use_server(project, fake_server.base_url, api_key_env="FAKE_SECRET_KEY")
+    run(project)
+    for path in Path("data").rglob("*"):
+        if path.is_file():
+            assert b"sk-very-secret-value-123" not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("generate.teacher=no-such-model", "unknown model preset 'no-such-model'"),
+        ("generate.exercise_template=broken.j2", "'nonexistent_variable' is undefined"),
+        ("generate.prompts_dir=empty_prompts", "'topics' must be a non-empty mapping"),
+    ],
+)
+def test_bad_input_fails_with_a_message_naming_it(project, capsys, change, message):
+    (project / "prompts" / "broken.j2").write_text("Write about {{ topic }} and {{ nonexistent_variable }}.")
+    (project / "empty_prompts").mkdir()
+    for name in ("audiences.yaml", "names.yaml"):
+        (project / "empty_prompts" / name).write_text((project / "prompts" / name).read_text())
+    (project / "empty_prompts" / "topics.yaml").write_text("topics: {}\n")
+    add_preset(project, "fake", engine="remote", model="m", base_url="http://127.0.0.1:9/v1")
+    assert cli_main(["generate", "-q", "--set", change]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_exercise_variants():
+    fn = 'def f(x: int) -> int:\n    """Add one."""\n    return x + 1\n'
+    got = parse_exercise(f"```python\n{fn}```\n```python\nassert f(1) == 2\n```")
+    assert got["prompt"] == 'def f(x: int) -> int:\n    """Add one."""' and got["solution"] == "    return x + 1"
+    nested = parse_exercise(f"```python\nimport math\n\n{fn}\ndef test_f():\n    assert f(2) == 3\n```")
+    assert nested["tests"] == "assert f(2) == 3" and nested["imports"] == "import math"
+    for text, reason in [("no code here", "no_code_block"), (f"```python\n{fn}```", "no_assert_tests"),
+                         ("```python\ndef f(:\n```", "syntax_error"),
+                         ("```python\ndef f(x):\n    return x\nassert f(1) == 1\n```", "no_function_with_docstring")]:
+        with pytest.raises(ParseError, match=reason):
+            parse_exercise(text)
+    with pytest.raises(ParseError, match="too_little_prose"):
+        parse_textbook("# T\n```python\nx = 1\n```")

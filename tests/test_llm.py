@@ -1,0 +1,130 @@
+"""The LLM client over real HTTP against a fault-injecting OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pipeline.config import ClientConfig, ConfigError, ModelPreset, Price
+from pipeline.fakeserver import FAULTS, FakeOpenAIServer
+from pipeline.llm import LLMClient, LLMRequest, RequestCache, TokenBucket, request_key
+
+
+def preset(url: str, **kw) -> ModelPreset:
+    return ModelPreset(name="fake", engine="remote", model="m", base_url=url, **kw)
+
+
+def reqs(n: int) -> list[LLMRequest]:
+    return [LLMRequest(f"r{i}", messages=[{"role": "user", "content": f"exercise {i}"}],
+                       params={"temperature": 0.5, "max_tokens": 64, "seed": i}) for i in range(n)]
+
+
+async def run_all(client: LLMClient, requests: list[LLMRequest]):
+    async with client:
+        return await asyncio.gather(*(client.generate(r) for r in requests))
+
+
+def test_every_fault_is_retried_to_the_clean_answer(tmp_path):
+    # Up to two faults per request body, any two kinds: two retries of each class suffice.
+    cfg = ClientConfig(concurrency=4, backoff_base_s=0.01, backoff_max_s=0.1, timeout_s=1.0, max_retries=4,
+                       length_retries=2)
+    with FakeOpenAIServer() as clean:
+        expected = asyncio.run(run_all(LLMClient(preset(clean.base_url), [clean.base_url], cfg), reqs(24)))
+    with FakeOpenAIServer(faults=FAULTS, faults_per_request=2, hang_s=2.5) as faulty:
+        client = LLMClient(preset(faulty.base_url), [faulty.base_url], cfg)
+        got = asyncio.run(run_all(client, reqs(24)))
+        injected = dict(faulty.state.injected)
+    assert [r.choices for r in got] == [r.choices for r in expected]
+    assert all(r.ok for r in got)
+    assert set(injected) == set(FAULTS), injected  # every fault kind really happened
+    assert client.ledger.retries == sum(injected.values()) - injected["slow"]  # a slow answer needs no retry
+    assert client.ledger.failed == 0
+
+
+def test_retries_are_bounded_then_recorded_as_failed():
+    cfg = ClientConfig(concurrency=2, backoff_base_s=0.01, backoff_max_s=0.05, max_retries=2)
+    with FakeOpenAIServer(faults=("unavailable",), faults_per_request=99) as srv:
+        srv._fault_for = lambda digest, attempt: "unavailable"  # every attempt fails
+        client = LLMClient(preset(srv.base_url), [srv.base_url], cfg)
+        got = asyncio.run(run_all(client, reqs(3)))
+        assert srv.state.requests == 3 * 3  # 1 try + 2 retries each, then stop
+    assert [r.error for r in got] == ["server_error"] * 3
+    assert client.ledger.errors == {"server_error": 3}
+
+
+def test_unreachable_endpoint_fails_with_connection_error():
+    cfg = ClientConfig(max_retries=1, backoff_base_s=0.01, timeout_s=2)
+    url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    got = asyncio.run(run_all(LLMClient(preset(url), [url], cfg), reqs(2)))
+    assert [r.error for r in got] == ["connection", "connection"]
+
+
+def test_cache_answers_without_sending_and_survives_reopen(tmp_path):
+    cfg = ClientConfig(concurrency=4)
+    with FakeOpenAIServer() as srv:
+        cache = RequestCache(tmp_path / "c.sqlite")
+        first = asyncio.run(run_all(LLMClient(preset(srv.base_url), [srv.base_url], cfg, cache=cache), reqs(10)))
+        cache.close()
+        sent = srv.state.requests
+        cache = RequestCache(tmp_path / "c.sqlite")
+        client = LLMClient(preset(srv.base_url), [srv.base_url], cfg, cache=cache)
+        second = asyncio.run(run_all(client, reqs(10)))
+        assert srv.state.requests == sent  # nothing sent the second time
+    assert [r.choices for r in second] == [r.choices for r in first]
+    assert all(r.cached for r in second) and client.ledger.cache_hits == 10
+
+
+def test_cache_key_covers_every_sampling_parameter():
+    base = request_key("m", "chat", [{"role": "user", "content": "x"}], None, {"temperature": 0.5, "seed": 1})
+    assert base != request_key("m", "chat", [{"role": "user", "content": "x"}], None, {"temperature": 0.6, "seed": 1})
+    assert base != request_key("m", "chat", [{"role": "user", "content": "x"}], None, {"temperature": 0.5, "seed": 2})
+    assert base != request_key("m2", "chat", [{"role": "user", "content": "x"}], None, {"temperature": 0.5, "seed": 1})
+    assert base == request_key("m", "chat", [{"role": "user", "content": "x"}], None, {"seed": 1, "temperature": 0.5})
+
+
+def test_usage_and_cost_are_accounted():
+    cfg = ClientConfig()
+    with FakeOpenAIServer() as srv:
+        p = preset(srv.base_url, price=Price(prompt_per_mtok=1e6, completion_per_mtok=2e6))
+        client = LLMClient(p, [srv.base_url], cfg)
+        got = asyncio.run(run_all(client, reqs(3)))
+    for r in got:
+        assert r.cost_usd == r.usage["prompt_tokens"] * 1 + r.usage["completion_tokens"] * 2 > 0
+    assert client.ledger.cost_usd_this_run == pytest.approx(sum(r.cost_usd for r in got))
+
+
+def test_requests_are_spread_over_replicas():
+    cfg = ClientConfig(concurrency=4)
+    with FakeOpenAIServer(latency_s=0.05) as a, FakeOpenAIServer(latency_s=0.05) as b:
+        asyncio.run(run_all(LLMClient(preset(a.base_url), [a.base_url, b.base_url], cfg), reqs(20)))
+        assert a.state.requests >= 5 and b.state.requests >= 5
+        assert a.state.requests + b.state.requests == 20
+
+
+def test_token_bucket_limits_request_rate():
+    cfg = ClientConfig(concurrency=8, requests_per_minute=600)  # 10/s, 1 s burst
+    with FakeOpenAIServer() as srv:
+        t0 = time.monotonic()
+        asyncio.run(run_all(LLMClient(preset(srv.base_url), [srv.base_url], cfg), reqs(20)))
+        elapsed = time.monotonic() - t0
+    assert elapsed >= 0.85  # 10 in the burst, then 10 more at 10/s
+
+
+def test_token_bucket_debt_for_large_takes():
+    async def go():
+        bucket = TokenBucket(per_minute=60 * 100)  # 100 tokens/s, capacity 100
+        t0 = time.monotonic()
+        await bucket.take(300)  # larger than capacity: allowed, runs into debt
+        await bucket.take(100)  # must wait ~3 s for the debt + this take
+        return time.monotonic() - t0
+    assert asyncio.run(go()) >= 2.5
+
+
+def test_missing_api_key_fails_before_any_request(monkeypatch):
+    monkeypatch.delenv("TEXTBOOK_TEST_KEY", raising=False)
+    p = ModelPreset(name="r", engine="remote", model="m", base_url="http://127.0.0.1:9/v1",
+                    api_key_env="TEXTBOOK_TEST_KEY")
+    with pytest.raises(ConfigError, match="TEXTBOOK_TEST_KEY"):
+        LLMClient(p, [p.base_url], ClientConfig())
