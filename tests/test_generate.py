@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main as cli_main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from pipeline.fakeserver import FAULTS, FakeOpenAIServer
 from pipeline.generate import (
     ParseError,

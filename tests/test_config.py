@@ -1,0 +1,105 @@
+"""Config resolution: defaults < profile < params file < --set, strict validation, presets."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, RunConfig, build, describe, load_config, load_preset, parse_override
+from pipeline.stage import write_resolved_config
+
+from .conftest import REPO, make_project
+
+
+def write(project, params: dict):
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project / "params.yaml"
+
+
+def test_repo_params_resolve_to_the_cpu_offline_default():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.profile == "cpu-offline" and cfg.generate.teacher == "qwen2.5-coder-0.5b-instruct"
+    assert load_preset(cfg.generate.teacher, REPO / "configs").engine == "llamacpp"
+
+
+def test_layers_override_in_order(tmp_path):
+    project = make_project(tmp_path, {})
+    # profile ci sets n_exercises=4 and teacher=smollm2; params overrides n_exercises; --set overrides again
+    path = write(project, {"profile": "ci", "generate": {"n_exercises": 9, "sampling": {"temperature": 0.3}}})
+    cfg = load_config(path)
+    assert cfg.generate.teacher == "smollm2-135m-instruct"  # from the profile
+    assert cfg.generate.n_exercises == 9  # params beat the profile
+    assert cfg.generate.sampling.temperature == 0.3 and cfg.generate.sampling.top_p == 0.95  # default kept
+    cfg = load_config(path, ["generate.n_exercises=11", "generate.sampling.stop=[\"\\n\\n\"]", "profile=a100"])
+    assert cfg.generate.n_exercises == 11 and cfg.generate.sampling.stop == ["\n\n"]
+    assert cfg.profile == "a100" and cfg.generate.teacher == "gpt-4o-mini" and cfg.generate.client.budget_usd == 25.0
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"generate": {"n_exercise": 3}}, "unknown key 'generate.n_exercise'; allowed keys in generate:"),
+        ({"genrate": {}}, "unknown key 'genrate'"),
+        ({"generate": {"n_exercises": "many"}}, "generate.n_exercises: expected int, got str"),
+        ({"generate": {"n_exercises": -1}}, "generate.n_exercises: must be >= 0"),
+        ({"generate": {"sampling": {"top_p": 1.5}}}, "generate.sampling.top_p: must be in (0, 1]"),
+        ({"generate": {"client": {"concurrency": 0}}}, "generate.client.concurrency: must be >= 1"),
+        ({"generate": {"sampling": {"stop": "x"}}}, "generate.sampling.stop: expected a list"),
+        ({"generate": {"client": {"concurrency": True}}}, "expected int, got bool"),
+        ({"profile": "gpu-cluster"}, "unknown profile 'gpu-cluster'; available: a100, ci, cpu-offline"),
+        ({"generate": {"teacher": "gpt-9"}}, "generate.teacher: unknown model preset 'gpt-9'"),
+        ({"dedupe": {"threshold": 1.5}}, "dedupe.threshold: must be in (0, 1]"),
+        ({"decontaminate": {"ast_threshold": -0.1}}, "decontaminate.ast_threshold: must be in [0, 1]"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, params, message):
+    project = make_project(tmp_path, {})
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(project, params))
+    assert message in str(exc.value)
+
+
+def test_missing_or_broken_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("generate.n_exercises")
+
+
+def test_preset_validation(tmp_path):
+    project = make_project(tmp_path, {})
+    models = project / "configs" / "models"
+    (models / "bad-remote.yaml").write_text("engine: remote\nmodel: m\n")
+    (models / "bad-engine.yaml").write_text("engine: tpu\nmodel: m\n")
+    with pytest.raises(ConfigError, match="engine 'remote' needs base_url"):
+        load_preset("bad-remote", project / "configs")
+    with pytest.raises(ConfigError, match="'tpu' is not allowed; allowed: 'llamacpp', 'vllm', 'remote'"):
+        load_preset("bad-engine", project / "configs")
+
+
+def test_every_shipped_preset_and_profile_is_valid():
+    for path in (REPO / "configs" / "models").glob("*.yaml"):
+        load_preset(path.stem, REPO / "configs")
+    for path in (REPO / "configs" / "profiles").glob("*.yaml"):
+        load_config(REPO / "params.yaml", [f"profile={path.stem}"])
+
+
+def test_every_key_has_help():
+    rows = describe(RunConfig)
+    assert len(rows) > 30
+    assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
+
+
+def test_resolved_config_inlines_presets_and_holds_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-never-be-written")
+    cfg = load_config(REPO / "params.yaml", ["profile=a100"])
+    write_resolved_config(cfg, REPO / "configs", "generate", tmp_path)
+    text = (tmp_path / "resolved_config.yaml").read_text()
+    resolved = yaml.safe_load(text)
+    assert resolved["presets"]["gpt-4o-mini"]["api_key_env"] == "OPENAI_API_KEY"
+    assert "sk-should-never-be-written" not in text
+    assert build(RunConfig, {"generate": resolved["generate"]}).generate == cfg.generate  # round-trips

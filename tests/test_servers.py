@@ -1,0 +1,135 @@
+"""Managed servers for real: llama.cpp with the SmolLM2 GGUF shipped in a PyPI package."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.config import REPO_ROOT, ConfigError, GGUFPart, GGUFSpec, load_preset
+from pipeline.models import ensure_gguf
+from pipeline.servers import ServerError, serve, vllm_command
+
+from .conftest import REPO, make_project
+
+SMOL = load_preset("smollm2-135m-instruct", REPO_ROOT / "configs")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def _server_pids() -> set[int]:
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"llama_cpp.server" in cmd and b"SmolLM2" in cmd:
+                pids.add(int(d.name))
+    return pids
+
+
+def test_llamacpp_serves_chat_and_completions_then_stops(tmp_path):
+    before = _server_pids()
+    with serve(SMOL, tmp_path) as urls:
+        assert len(urls) == SMOL.server.n_parallel
+        started = _server_pids() - before
+        assert len(started) == len(urls)
+        r = httpx.post(f"{urls[0]}/chat/completions", timeout=120, json={
+            "model": SMOL.model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8,
+            "temperature": 0, "seed": 1})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        r = httpx.post(f"{urls[-1]}/completions", timeout=120,
+                       json={"model": SMOL.model, "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+    time.sleep(0.2)
+    assert not any(_alive(p) for p in started)
+    assert "llama_cpp.server" in (tmp_path / "llamacpp-smollm2-135m-instruct-0.log").read_text()
+
+
+def test_server_is_stopped_when_the_body_raises(tmp_path):
+    before = _server_pids()
+    with pytest.raises(RuntimeError, match="boom"), serve(SMOL, tmp_path):
+        started = _server_pids() - before
+        raise RuntimeError("boom")
+    time.sleep(0.2)
+    assert started and not any(_alive(p) for p in started)
+
+
+def test_server_start_failure_points_at_the_log(tmp_path):
+    import dataclasses
+
+    broken = dataclasses.replace(SMOL, server=dataclasses.replace(SMOL.server, extra_args=["--no-such-flag", "1"],
+                                                                  n_parallel=1))
+    with pytest.raises(ServerError, match=r"exited with code .* see .*llamacpp-smollm2"), serve(broken, tmp_path):
+        pass
+
+
+def test_generate_stage_with_real_llamacpp_and_sigterm_stops_the_server(tmp_path):
+    """Smoke test of the whole stage on a real llama.cpp server (CI runs it)."""
+    project = make_project(tmp_path, {"profile": "ci", "seed": 3, "generate": {"n_exercises": 3, "n_textbooks": 1,
+                                                                                "sampling": {"max_tokens": 160}}})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipeline", "generate", "-q"]
+    done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((project / "data/generate/stats.json").read_text())
+    assert stats["completed"] == stats["requested"] == 4
+    assert stats["tokens"]["completion"] > 0 and stats["ledger_this_run"]["requests_sent"] >= 4
+    # every response is accounted for: kept or rejected with a reason
+    kept = sum(stats["kept"].values())
+    rejected = [json.loads(x) for x in (project / "data/generate/rejected.jsonl").read_text().splitlines()]
+    assert kept + len(rejected) == 4 and all(r["reason"] for r in rejected)
+
+    # A second stage run with more records, stopped with SIGTERM mid-way: the servers go too.
+    before = _server_pids()
+    proc = subprocess.Popen(cmd + ["--set", "generate.n_exercises=50"], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (_server_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = _server_pids() - before
+    assert started
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) != 0
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in started)
+
+
+def test_gguf_sha_is_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEXTBOOK_CACHE", str(tmp_path))
+    wrong = GGUFSpec(filename="x.gguf", sha256="0" * 64, parts=SMOL.gguf.parts)
+    with pytest.raises(ConfigError, match="sha256 mismatch"):
+        ensure_gguf(wrong)
+    missing = GGUFSpec(filename="y.gguf", sha256="0" * 64, parts=[GGUFPart(package="no-such-dist", path="a.bin")])
+    with pytest.raises(ConfigError, match="'no-such-dist' is not installed"):
+        ensure_gguf(missing)
+    path = ensure_gguf(SMOL.gguf)
+    assert path.stat().st_size > 50_000_000 and path.is_relative_to(tmp_path)
+
+
+def test_vllm_command_with_lora():
+    preset = load_preset("vllm-qwen2.5-coder-32b-instruct", REPO_ROOT / "configs")
+    cmd = vllm_command(preset, 8001, lora_modules={"student": "/tmp/adapter"}, max_lora_rank=16)
+    assert cmd[:3] == ["vllm", "serve", "Qwen/Qwen2.5-Coder-32B-Instruct"]
+    joined = " ".join(cmd)
+    assert "--port 8001" in joined and "--host 127.0.0.1" in joined
+    assert "--enable-lora --lora-modules student=/tmp/adapter --max-lora-rank 16" in joined
+    assert "--max-num-seqs 256" in joined
