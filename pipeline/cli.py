@@ -20,6 +20,12 @@ from .stage import add_common_arguments, load_stage_config
 # stage name -> module with a `main(args) -> int`
 STAGES = {
     "generate": "Generate textbook sections and exercises with the teacher LLM.",
+    "filter": "Keep exercises that parse and pass their own tests in the sandbox; textbooks whose code parses.",
+    "dedupe": "Remove exact and near duplicates (MinHash LSH on code-aware shingles).",
+    "decontaminate": "Remove records too close to HumanEval; write the final dataset and its card.",
+    "finetune": "QLoRA fine-tune the student base model on the curated dataset.",
+    "evaluate": "HumanEval pass@k of the base and fine-tuned student (and optionally the teacher).",
+    "report": "Write eval/report.md and report.html against phi-1 and the published references.",
 }
 
 

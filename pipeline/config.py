@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from .fields import ConfigError, check, opt
+from .sandbox import SandboxConfig
 
 __all__ = ["ConfigError", "check", "opt"]
 
@@ -95,6 +96,7 @@ class ModelPreset:
     hf_id: str | None = opt(None, help="Hugging Face id or local path (vLLM serving, fine-tuning).")
     gguf: GGUFSpec | None = opt(None, help="llamacpp: the GGUF file and where it ships.")
     chat_format: str | None = opt(None, help="llama.cpp chat format; None = the template inside the GGUF.")
+    lora_target_modules: list[str] = opt([], help="LoRA target module names when this model is a student; [] = all linear layers.")
     price: Price = opt(dataclasses.MISSING, help="Price table for the usage ledger.", default_factory=Price)
     server: ServerConfig = opt(dataclasses.MISSING, help="Managed server settings.", default_factory=ServerConfig)
 
@@ -174,6 +176,39 @@ class GenerateConfig:
         check(self.n_exercises + self.n_textbooks > 0, "generate", "n_exercises + n_textbooks must be > 0")
 
 
+DEFAULT_ALLOWED_IMPORTS = [
+    "math", "cmath", "itertools", "functools", "collections", "heapq", "bisect", "re", "string", "typing",
+    "operator", "statistics", "fractions", "decimal", "datetime", "calendar", "copy", "dataclasses", "enum",
+    "random", "array", "textwrap", "unicodedata", "json", "numbers",
+]
+
+
+@dataclass
+class FilterConfig:
+    input_dir: str = opt("data/generate", help="Folder with the generated records (exercises.jsonl, textbooks.jsonl).")
+    output_dir: str = opt("data/filter", help="Where kept records, rejected records with reasons and stats go.")
+    min_chars: int = opt(60, help="Exercises: fewest characters of signature + docstring + solution.")
+    max_chars: int = opt(6000, help="Exercises: most characters of signature + docstring + solution.")
+    min_solution_lines: int = opt(1, help="Exercises: fewest non-blank lines in the solution body.")
+    max_solution_lines: int = opt(80, help="Exercises: most non-blank lines in the solution body.")
+    min_asserts: int = opt(1, help="Exercises: fewest assert statements in the tests.")
+    allowed_imports: list[str] = opt(DEFAULT_ALLOWED_IMPORTS, help="Top-level modules an exercise may import (standard library subset).")
+    check_vacuous_tests: bool = opt(True, help="Drop exercises whose tests also pass with the body replaced by `pass`.")
+    textbook_min_words: int = opt(60, help="Textbooks: fewest words.")
+    textbook_max_words: int = opt(2500, help="Textbooks: most words.")
+    shard_size: int = opt(512, help="Records per resumable shard: a killed run redoes at most one shard.")
+    sandbox: SandboxConfig = opt(dataclasses.MISSING, help="Execution limits and isolation.", default_factory=SandboxConfig)
+
+    def __post_init__(self) -> None:
+        check(0 <= self.min_chars <= self.max_chars, "filter.min_chars", "must be >= 0 and <= filter.max_chars")
+        check(0 <= self.min_solution_lines <= self.max_solution_lines, "filter.min_solution_lines",
+              "must be >= 0 and <= filter.max_solution_lines")
+        check(0 <= self.textbook_min_words <= self.textbook_max_words, "filter.textbook_min_words",
+              "must be >= 0 and <= filter.textbook_max_words")
+        check(self.shard_size >= 1, "filter.shard_size", f"must be >= 1, got {self.shard_size}")
+        check(self.min_asserts >= 0, "filter.min_asserts", f"must be >= 0, got {self.min_asserts}")
+
+
 @dataclass
 class DedupeConfig:
     input_dir: str = opt("data/filter", help="Folder with the records to deduplicate (exercises.jsonl, textbooks.jsonl).")
@@ -183,11 +218,13 @@ class DedupeConfig:
     num_perm: int = opt(128, help="MinHash permutations.")
     shingle_size: int = opt(5, help="Code-aware token shingles of this many tokens.")
     threshold: float = opt(0.8, help="Jaccard similarity at or above which two records are near duplicates.")
+    workers: int = opt(0, help="Worker processes for shingling and MinHash; 0 = all cores.")
 
     def __post_init__(self) -> None:
         check(0 < self.threshold <= 1, "dedupe.threshold", f"must be in (0, 1], got {self.threshold}")
         check(self.num_perm >= 16, "dedupe.num_perm", f"must be >= 16, got {self.num_perm}")
         check(self.shingle_size >= 1, "dedupe.shingle_size", f"must be >= 1, got {self.shingle_size}")
+        check(self.workers >= 0, "dedupe.workers", f"must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -196,6 +233,8 @@ class DecontaminateConfig:
     output_dir: str = opt("data/decontaminate", help="Where kept records, removed records, per-problem similarity and stats go.")
     dataset_dir: str = opt("data/dataset", help="The final dataset: Hugging Face `datasets` parquet + JSONL.")
     card_path: str = opt("dataset_cards/README.md", help="The generated dataset card.")
+    card_license: str = opt("apache-2.0", help="License in the card's header: check your teacher's terms of use.")
+    card_name: str = opt("Synthetic Python textbooks and exercises (phi-1 recipe)", help="The card's pretty_name and title.")
     ngram_size: int = opt(13, help="phi-1: a record sharing an n-gram of this many words with HumanEval is removed.")
     candidate_ngram_size: int = opt(10, help="cosmopedia: n-gram size for candidates, confirmed by a difflib ratio.")
     difflib_threshold: float = opt(0.5, help="difflib SequenceMatcher ratio that confirms a candidate.")
@@ -215,13 +254,91 @@ class DecontaminateConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    student: str = opt("gemma-3-270m", help="Student base model preset (configs/models/<name>.yaml).")
+    dataset_dir: str = opt("data/dataset", help="The curated dataset folder (train.jsonl).")
+    output_dir: str = opt("data/finetune", help="Adapter, GGUF adapter, checkpoints, metrics.")
+    quantization: Literal["nf4", "none"] = opt("nf4", help="nf4: QLoRA (4-bit NF4 base); none: plain LoRA on a bf16/fp32 base.")
+    double_quant: bool = opt(True, help="QLoRA double quantization of the quantization constants.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
+        "auto", help="Compute dtype; auto = bf16 where supported, else fp32.")
+    lora_r: int = opt(16, help="LoRA rank.")
+    lora_alpha: int = opt(32, help="LoRA alpha.")
+    lora_dropout: float = opt(0.05, help="LoRA dropout.")
+    target_modules: list[str] = opt([], help="Override the preset's LoRA targets; [] = the preset's (or all linear layers).")
+    learning_rate: float = opt(2e-4, help="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = opt("cosine", help="LR schedule.")
+    warmup_ratio: float = opt(0.05, help="Fraction of steps spent warming up.")
+    epochs: float = opt(1.0, help="Epochs over the training split (ignored when max_steps > 0).")
+    max_steps: int = opt(-1, help="Optimizer steps; > 0 overrides epochs.")
+    batch_size: int = opt(4, help="Sequences per device step.")
+    grad_accum: int = opt(1, help="Gradient accumulation steps.")
+    max_length: int = opt(512, help="Tokens per sequence; longer examples are truncated or dropped (counted).")
+    drop_long: bool = opt(False, help="Drop examples longer than max_length instead of truncating them.")
+    packing: bool = opt(True, help="Pack short examples into full max_length sequences.")
+    completion_only_loss: bool = opt(True, help="Loss on the solution only, not on the signature and docstring.")
+    eval_fraction: float = opt(0.1, help="Held-out fraction for eval loss.")
+    eval_steps: int = opt(0, help="Evaluate every N steps; 0 = at the end only.")
+    save_steps: int = opt(20, help="Checkpoint every N steps (a killed run resumes from the last one).")
+    logging_steps: int = opt(1, help="Log every N steps.")
+    gradient_checkpointing: bool = opt(True, help="Trade compute for memory.")
+    max_grad_norm: float = opt(1.0, help="Gradient clipping.")
+    loss_spike_factor: float = opt(10.0, help="Stop if the loss exceeds this multiple of its running minimum (or is NaN).")
+    merge: bool = opt(False, help="Also save a merged bf16 model (merged into the bf16 base, never the 4-bit one).")
+    export_gguf: bool = opt(True, help="Export the adapter as a GGUF LoRA adapter for llama.cpp.")
+    num_threads: int = opt(0, help="CPU threads for torch; 0 = all cores.")
+
+    def __post_init__(self) -> None:
+        check(self.lora_r >= 1, "finetune.lora_r", f"must be >= 1, got {self.lora_r}")
+        check(self.learning_rate > 0, "finetune.learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(0 <= self.warmup_ratio < 1, "finetune.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(0 <= self.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        check(0 <= self.eval_fraction < 1, "finetune.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        check(self.batch_size >= 1 and self.grad_accum >= 1, "finetune.batch_size", "batch_size and grad_accum must be >= 1")
+        check(self.max_length >= 16, "finetune.max_length", f"must be >= 16, got {self.max_length}")
+        check(self.epochs > 0 or self.max_steps > 0, "finetune.epochs", "need epochs > 0 or max_steps > 0")
+        check(self.save_steps >= 1, "finetune.save_steps", f"must be >= 1, got {self.save_steps}")
+
+
+@dataclass
+class EvaluateConfig:
+    output_dir: str = opt("eval", help="metrics.json and per-problem results.")
+    cache_path: str = opt("data/eval_cache/requests.sqlite", help="Request cache for completions (kept across runs).")
+    problems: int = opt(0, help="Evaluate the first N HumanEval problems; 0 = all 164 (a subset is named in every output).")
+    models: list[str] = opt(["base", "finetuned"], help="Which to evaluate: base, finetuned, teacher.")
+    n_samples: int = opt(1, help="Samples per problem (1 with temperature 0 = greedy pass@1).")
+    temperature: float = opt(0.0, help="0 = greedy.")
+    top_p: float = opt(0.95, help="Nucleus mass when sampling.")
+    ks: list[int] = opt([1], help="k values for pass@k (each <= n_samples).")
+    max_tokens: int = opt(384, help="Completion token cap.")
+    stop: list[str] = opt(["\ndef", "\nclass", "\nif", "\nprint", "\n#"], help="Stop sequences (the standard HumanEval set).")
+    engine: Literal["auto", "llamacpp", "vllm", "transformers"] = opt(
+        "auto", help="auto: the student preset's engine (llama.cpp for GGUF, vLLM for HF ids), transformers as fallback.")
+    concurrency: int = opt(4, help="Requests in flight.")
+    seed: int = opt(0, help="Sampling seed offset (added to the run seed).")
+    sandbox: SandboxConfig = opt(dataclasses.MISSING, help="Execution limits and isolation.", default_factory=SandboxConfig)
+
+    def __post_init__(self) -> None:
+        check(self.problems >= 0, "evaluate.problems", f"must be >= 0, got {self.problems}")
+        check(self.n_samples >= 1, "evaluate.n_samples", f"must be >= 1, got {self.n_samples}")
+        check(all(1 <= k <= self.n_samples for k in self.ks), "evaluate.ks", f"each k must be in [1, n_samples={self.n_samples}]")
+        allowed = {"base", "finetuned", "teacher"}
+        check(bool(self.models) and set(self.models) <= allowed, "evaluate.models", f"must be a non-empty subset of {sorted(allowed)}")
+        check(0 <= self.temperature <= 2, "evaluate.temperature", f"must be in [0, 2], got {self.temperature}")
+        check(self.n_samples == 1 or self.temperature > 0, "evaluate.temperature", "n_samples > 1 needs temperature > 0")
+
+
+@dataclass
 class RunConfig:
     profile: str = opt("cpu-offline", help="Run profile (configs/profiles/<name>.yaml).")
     seed: int = opt(1234, help="The run's seed: every sampling choice and shuffle derives from it.")
     generate: GenerateConfig = opt(dataclasses.MISSING, help="The generate stage.", default_factory=GenerateConfig)
+    filter: FilterConfig = opt(dataclasses.MISSING, help="The filter stage.", default_factory=FilterConfig)
     dedupe: DedupeConfig = opt(dataclasses.MISSING, help="The dedupe stage.", default_factory=DedupeConfig)
     decontaminate: DecontaminateConfig = opt(dataclasses.MISSING, help="The decontaminate stage.",
                                              default_factory=DecontaminateConfig)
+    finetune: FinetuneConfig = opt(dataclasses.MISSING, help="The finetune stage.", default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = opt(dataclasses.MISSING, help="The evaluate stage.", default_factory=EvaluateConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,6 +369,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")

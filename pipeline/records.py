@@ -8,13 +8,16 @@ keys, UTF-8, no ASCII escaping) so that the same records give byte-identical fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 
 class RecordError(ValueError):
@@ -30,20 +33,29 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file + rename, so a killed stage never leaves a half-written output."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[TextIO]:
+    """Write via a temp file + rename, so a killed stage never leaves a half-written output.
+
+    Streamed: a million records need not sit in memory as one string.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_writer(path) as fh:
+        fh.write(text)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict], sort_key: str | None = "id") -> int:
@@ -81,4 +93,30 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
             if missing:
                 raise RecordError(f"{path}:{lineno}: record {rec.get('id', '?')!r} is missing field(s) {missing}")
             out.append(rec)
+    return out
+
+
+def run_sharded(items: list[dict], shard_size: int, work_dir: str | Path, fingerprint: str,
+                fn: Callable[[list[dict]], list[dict]], progress: bool = False, desc: str = "") -> list[dict]:
+    """Apply `fn` to `items` shard by shard, saving each finished shard, so a killed run resumes.
+
+    A shard's results are written atomically under a name that hashes the shard's records and
+    `fingerprint` (the config that decides the results): the file's existence is the shard's
+    completion marker. A re-run skips finished shards; a changed config or input matches none.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out: list[dict] = []
+    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    with tqdm(total=len(items), desc=desc, unit="rec", disable=not progress, mininterval=0.5) as bar:
+        for n, shard in enumerate(shards):
+            digest = sha256_text(fingerprint + "\n" + "".join(dumps(r) + "\n" for r in shard))[:16]
+            path = work_dir / f"shard-{n:06d}-{digest}.jsonl"
+            if path.is_file():
+                done = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            else:
+                done = fn(shard)
+                atomic_write_text(path, "".join(dumps(r) + "\n" for r in done))
+            out.extend(done)
+            bar.update(len(shard))
     return out

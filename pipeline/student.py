@@ -1,0 +1,222 @@
+"""Load the student model for fine-tuning: GGUF -> Hugging Face folder cache, quantization.
+
+Offline presets ship a GGUF (see `pipeline.models`). transformers can read a GGUF and
+dequantize it, but that takes about a minute (gemma-3-270m), so it is done once: the
+dequantized fp32 weights and the GGUF's tokenizer are saved as a Hugging Face folder in
+the model cache, keyed by the GGUF's sha256, and every later load reads that folder
+(seconds). Presets without a GGUF load from `hf_id` (a hub id, already downloaded, or a
+local folder).
+
+QLoRA loads the base in 4-bit NF4 (bitsandbytes) with a bf16 compute dtype where the
+device supports bf16 (CUDA: `torch.cuda.is_bf16_supported()`; CPU: oneDNN's bf16 check,
+true on AVX512-BF16/AMX parts), fp32 elsewhere. Whether bitsandbytes can run 4-bit here is
+probed with one tiny layer before the real model loads, so a bad request fails in seconds.
+
+    python -m pipeline.student smollm2-135m-instruct     # build (once) and print the cached folder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import REPO_ROOT, ConfigError, GGUFSpec, ModelPreset, load_preset
+from .models import cache_root, ensure_gguf
+
+log = logging.getLogger(__name__)
+
+# Bump when the folder's content changes (e.g. a different saved dtype), so old caches are ignored.
+HF_CACHE_VERSION = "1"
+COMPLETE_MARKER = ".complete"
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------
+# GGUF -> HF folder, once
+# ---------------------------------------------------------------------------------------
+
+
+def hf_folder(spec: GGUFSpec) -> Path:
+    return cache_root() / "hf" / f"{spec.sha256[:16]}-v{HF_CACHE_VERSION}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise the one-time conversion between processes (two tests, two stages)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _is_complete(folder: Path, sha256: str) -> bool:
+    marker = folder / COMPLETE_MARKER
+    return marker.is_file() and marker.read_text().strip() == sha256
+
+
+def _strip_gguf_quantizer(model: Any) -> None:
+    """A GGUF-loaded model still claims to be quantized and refuses to save: it is not (dequantized)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def convert_gguf(spec: GGUFSpec, folder: Path) -> None:
+    """Dequantize the GGUF into `folder` (fp32 safetensors + tokenizer), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = ensure_gguf(spec)
+    log.info("dequantizing %s into %s (once per GGUF)", gguf.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _strip_gguf_quantizer(model)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # fp32 keeps the dequantized values exact, so transformers and llama.cpp see the same weights.
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / COMPLETE_MARKER).write_text(spec.sha256)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def model_source(preset: ModelPreset) -> str:
+    """What `from_pretrained` loads: the cached HF folder of the GGUF, else `hf_id`."""
+    if preset.gguf is not None:
+        folder = hf_folder(preset.gguf)
+        if not _is_complete(folder, preset.gguf.sha256):
+            with _file_lock(folder.with_name(folder.name + ".lock")):
+                if not _is_complete(folder, preset.gguf.sha256):
+                    convert_gguf(preset.gguf, folder)
+        return str(folder)
+    if not preset.hf_id:
+        raise ConfigError(f"finetune.student: preset '{preset.name}' has neither a gguf section nor an hf_id")
+    return preset.hf_id
+
+
+# ---------------------------------------------------------------------------------------
+# Dtypes and quantization
+# ---------------------------------------------------------------------------------------
+
+
+def bf16_supported(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # oneDNN runs bf16 natively only on AVX512-BF16/AMX CPUs; elsewhere it is emulated (slow).
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def resolve_compute_dtype(name: str, device: str) -> torch.dtype:
+    """auto -> bf16 where the device supports it, else fp32; an explicit name is honoured."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def check_4bit_supported(device: str, compute_dtype: torch.dtype) -> None:
+    """Run one tiny NF4 layer; any failure becomes a clear error before the model loads."""
+    hint = "use --set finetune.quantization=none for plain LoRA on an unquantized base"
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a broken native library raising at import
+        raise ConfigError(
+            f"finetune.quantization=nf4: bitsandbytes cannot be imported ({exc}); {hint}") from None
+    try:
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+        layer = layer.to(device)
+        with torch.no_grad():
+            out = layer(torch.ones(2, 64, device=device, dtype=compute_dtype))
+        if not torch.isfinite(out).all():
+            raise RuntimeError("non-finite output from a 4-bit layer")
+    except Exception as exc:
+        raise ConfigError(
+            f"finetune.quantization=nf4: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run 4-bit "
+            f"layers on {device} ({type(exc).__name__}: {exc}); {hint}"
+        ) from None
+
+
+def quantization_config(quantization: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:
+    """The BitsAndBytesConfig of QLoRA (NF4, optional double quantization), or None."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token_id is None:  # padding positions carry label -100, any id would do
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_student(
+    preset: ModelPreset,
+    quantization: str = "none",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of the preset's base model, 4-bit NF4 or in `compute_dtype`.
+
+    With quantization="none" the weights are in `compute_dtype`; with "nf4" the linear
+    layers are 4-bit and the rest stays in `compute_dtype` (peft's kbit preparation then
+    upcasts it to fp32 for stable training).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or device_type()
+    if quantization == "nf4":
+        check_4bit_supported(device, compute_dtype)
+    source = model_source(preset)
+    tokenizer = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=compute_dtype,
+        quantization_config=quantization_config(quantization, double_quant, compute_dtype),
+        device_map={"": device},
+    )
+    log.info("loaded %s from %s (%s, %s) on %s", preset.name, source, quantization, compute_dtype, device)
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in sys.argv[1:] if argv is None else argv:
+        print(f"{name}: {model_source(load_preset(name, REPO_ROOT / 'configs'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

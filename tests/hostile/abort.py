@@ -1,0 +1,4 @@
+# expect: signal
+import os
+
+os.abort()

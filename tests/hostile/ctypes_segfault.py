@@ -1,0 +1,4 @@
+# expect: signal
+import ctypes
+
+ctypes.string_at(0)

@@ -1,0 +1,5 @@
+# expect: failed
+# error: OSError
+files = []
+while True:
+    files.append(open("/dev/null"))

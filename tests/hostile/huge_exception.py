@@ -1,0 +1,3 @@
+# expect: failed
+# error: ValueError
+raise ValueError("x" * 10_000_000)

@@ -1,0 +1,3 @@
+# expect: failed
+# error: KeyboardInterrupt
+raise KeyboardInterrupt

@@ -1,0 +1,3 @@
+# expect: memory
+# One huge allocation.
+data = " " * (10**12)

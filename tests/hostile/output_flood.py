@@ -1,0 +1,3 @@
+# expect: output_limit
+while True:
+    print("x" * 10_000)

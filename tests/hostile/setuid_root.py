@@ -1,0 +1,5 @@
+# expect: failed
+# error: PermissionError
+import posix
+
+posix.setuid(0)

@@ -1,0 +1,165 @@
+"""The generated dataset card: Hub metadata that parses, a funnel that matches the stats it
+was given (in every stage's layout), "not run" for missing stages, and the same bytes twice."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.dataset_card import (
+    GENERATED_NOTE,
+    funnel_row,
+    prompts_hash,
+    read_stage_stats,
+    render_card,
+    size_category,
+    write_card,
+)
+from pipeline.records import RecordError
+
+from .conftest import make_project
+
+# The layouts the stages write: totals (generate), per-kind sections (filter), both (dedupe).
+GENERATE = {"requested": 1200, "completed": 1200, "not_attempted": 0, "kept": {"exercise": 900, "textbook": 250},
+            "rejected": 50, "rejected_by_reason": {"finish_reason=length": 20, "parse:no_assert_tests": 30},
+            "tokens": {"prompt": 200_000, "completion": 480_000}, "cost_usd": 0.0,
+            "ledger_this_run": {"cache_hits": 3}, "timing": {"wall_s": 282.15}}
+FILTER = {"exercise": {"in": 900, "kept": 700, "dropped": 200, "dropped_by_reason": {"tests_failed:failed": 150,
+                                                                                      "timeout": 50}},
+          "textbook": {"in": 250, "kept": 240, "dropped": 10, "dropped_by_reason": {"code_syntax_error": 10}},
+          "isolation": "bwrap", "timing": {"wall_s": 31.7}}
+DEDUPE = {"exercise": {"in": 700, "kept": 650, "removed_exact": 20, "removed_near": 30, "clusters": 12},
+          "textbook": {"in": 240, "kept": 239, "removed_exact": 0, "removed_near": 1, "clusters": 1},
+          "kept": {"exercise": 650, "textbook": 239}, "removed": {"exercise": 50, "textbook": 1},
+          "lsh": {"bands": 16, "rows": 8}, "timing": {"wall_s": 4.4}}
+
+
+def decontaminate_stats(kept_ex: int = 640, kept_tb: int = 238) -> dict:
+    return {"in": {"exercise": 650, "textbook": 239}, "kept": {"exercise": kept_ex, "textbook": kept_tb},
+            "removed": {"exercise": 650 - kept_ex, "textbook": 239 - kept_tb},
+            "removed_by_signal": {"ngram": 6, "difflib": 4, "ast": 9},
+            "removed_task_ids": ["HumanEval/0", "HumanEval/12"],
+            "humaneval": {"problems": 164, "max_ast_tau": 0.97, "similar_at_tau": {"0.8": 20, "0.9": 5}},
+            "tokens": {"completion_tokens": 123_456, "text_words": 98_765},
+            "dataset": {"rows": kept_ex + kept_tb, "columns": ["id", "kind", "text"]},
+            "timing": {"wall_s": 12.5}}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_project(tmp_path, {"profile": "ci", "seed": 7})
+    return root, load_config(root / "params.yaml")
+
+
+def all_stats() -> dict:
+    return {"generate": copy.deepcopy(GENERATE), "filter": copy.deepcopy(FILTER), "dedupe": copy.deepcopy(DEDUPE),
+            "decontaminate": decontaminate_stats()}
+
+
+def header(card: str) -> dict:
+    match = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
+    assert match, card[:200]
+    return yaml.safe_load(match.group(1))
+
+
+def funnel(card: str) -> dict[str, list[str]]:
+    section = card.split("## Funnel", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.strip("|").split(" | ") for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
+
+
+def test_header_is_hub_metadata_with_the_size_category(project):
+    root, cfg = project
+    card = render_card(cfg, root / "params.yaml", all_stats())
+    meta = header(card)
+    assert meta["license"] and meta["language"] == ["en", "code"] and meta["task_categories"] == ["text-generation"]
+    assert meta["tags"] == ["synthetic", "code", "phi-1", "textbooks"] and meta["pretty_name"]
+    assert meta["size_categories"] == ["n<1K"]  # 640 + 238 rows
+    assert meta["configs"][0]["data_files"][0]["path"] == "data/train-*.parquet"
+    assert meta["dataset_info"]["splits"][0]["num_examples"] == 878
+    assert card.startswith(f"---\n# {GENERATED_NOTE}\n") and "do not edit by hand" in GENERATED_NOTE
+    stats = all_stats()
+    stats["decontaminate"] = decontaminate_stats(kept_ex=4000, kept_tb=1500)
+    assert header(render_card(cfg, root / "params.yaml", stats))["size_categories"] == ["1K<n<10K"]
+
+
+@pytest.mark.parametrize("n,label", [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (10_000, "10K<n<100K"),
+                                     (250_000, "100K<n<1M"), (5_000_000, "1M<n<10M")])
+def test_size_categories(n, label):
+    assert size_category(n) == label
+
+
+def test_funnel_matches_the_stats_of_every_stage(project):
+    root, cfg = project
+    rows = funnel(render_card(cfg, root / "params.yaml", all_stats()))
+    assert rows["generate"][:3] == ["1,200", "1,150", "50"]
+    assert "finish_reason=length: 20" in rows["generate"][3] and "parse:no_assert_tests: 30" in rows["generate"][3]
+    assert rows["filter"][:3] == ["1,150", "940", "210"]
+    assert "tests_failed:failed: 150" in rows["filter"][3] and "code_syntax_error: 10" in rows["filter"][3]
+    assert rows["dedupe"][:3] == ["940", "889", "51"]
+    assert "exact: 20" in rows["dedupe"][3] and "near: 31" in rows["dedupe"][3]
+    assert rows["decontaminate"][:3] == ["889", "878", "11"]
+    assert rows["decontaminate"][3] == "ast: 9; difflib: 4; ngram: 6"
+
+
+def test_funnel_row_layouts():
+    assert funnel_row("dedupe", DEDUPE)["reasons"] == {"exact": 20, "near": 31}
+    assert funnel_row("filter", FILTER)["kept_by_kind"] == {"exercise": 700, "textbook": 240}
+    assert funnel_row("filter", None) == {"stage": "filter", "status": "not run"}
+    assert funnel_row("x", {"in": 10, "kept": 7})["removed"] == 3
+
+
+def test_sections_hold_tokens_teacher_and_decontamination(project):
+    root, cfg = project
+    card = render_card(cfg, root / "params.yaml", all_stats())
+    assert "| teacher completion tokens (all requests) | 480,000 |" in card
+    assert "| teacher completion tokens of the released records | 123,456 |" in card
+    assert "`smollm2-135m-instruct`" in card and f"`{prompts_hash(root / 'prompts')}`" in card
+    assert "| temperature | 0.7 |" in card  # the ci profile's sampling defaults
+    assert "HumanEval/0, HumanEval/12" in card and "| 0.9 | 5 | 159 |" in card
+    assert "Removed: 51 of 940 (exact: 20; near: 31)." in card
+    assert 'load_dataset("data/dataset", split="train")' in card
+    assert "## Known limitations" in card
+    for volatile in ("282.15", "31.7", "12.5", "cache_hits"):  # timings and ledgers differ between runs
+        assert volatile not in card
+
+
+def test_missing_stages_are_named_not_run(project):
+    root, cfg = project
+    card = render_card(cfg, root / "params.yaml", {"decontaminate": decontaminate_stats()})
+    rows = funnel(card)
+    for stage in ("generate", "filter", "dedupe"):
+        assert rows[stage][0] == "not run"
+    assert "Stage(s) not run for this release: generate, filter, dedupe." in card
+    assert "generate not run" in card and "Not run: the released records were not deduplicated." in card
+
+
+def test_card_is_deterministic_and_tracks_the_prompts(project):
+    root, cfg = project
+    out = root / "card" / "README.md"
+    text = write_card(cfg, root / "params.yaml", all_stats(), out)
+    assert out.read_text() == text == render_card(cfg, root / "params.yaml", all_stats())
+    before = prompts_hash(root / "prompts")
+    (root / "prompts" / "exercise.j2").write_text((root / "prompts" / "exercise.j2").read_text() + "\n# changed\n")
+    assert prompts_hash(root / "prompts") != before
+    assert render_card(cfg, root / "params.yaml", all_stats()) != text
+    assert prompts_hash(root / "nowhere") == "missing"
+
+
+def test_read_stage_stats(project):
+    root, cfg = project
+    assert read_stage_stats(cfg) == {"generate": None, "filter": None, "dedupe": None}
+    (root / "data/generate").mkdir(parents=True)
+    (root / "data/generate/stats.json").write_text(json.dumps(GENERATE))
+    (root / "data/dedupe").mkdir(parents=True)
+    (root / "data/dedupe/stats.json").write_text("{not json")
+    with pytest.raises(RecordError, match=r"data/dedupe/stats\.json"):
+        read_stage_stats(cfg)
+    (root / "data/dedupe/stats.json").write_text(json.dumps(DEDUPE))
+    assert read_stage_stats(cfg) == {"generate": GENERATE, "filter": None, "dedupe": DEDUPE}

