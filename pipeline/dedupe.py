@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DedupeConfig, RunConfig, configs_dir
-from .records import RecordError, atomic_writer, dumps, write_json
+from .records import RecordError, atomic_writer, dumps, parse_record_line, write_json
 from .stage import write_resolved_config
 
 log = logging.getLogger(__name__)
@@ -443,19 +443,9 @@ class _Index:
 
 def _parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> tuple[dict, str]:
     """A record and its line as text; errors name the file, line and record id."""
-    try:
-        line = raw.decode("utf-8")
-        rec = json.loads(line)
-    except UnicodeDecodeError as exc:
-        raise RecordError(f"{path}:{lineno}: not UTF-8 ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(rec, dict):
-        raise RecordError(f"{path}:{lineno}: a record must be a JSON object")
-    rid = rec.get("id", "?")
-    missing = [k for k in REQUIRED_FIELDS if k not in rec]
-    if missing:
-        raise RecordError(f"{path}:{lineno}: record {rid!r} is missing field(s) {missing}")
+    rec = parse_record_line(raw, path, lineno, REQUIRED_FIELDS)
+    line = raw.decode("utf-8")
+    rid = rec["id"]
     if not isinstance(rid, str):
         raise RecordError(f"{path}:{lineno}: record id must be a string, got {rid!r}")
     if rec["kind"] != kind:

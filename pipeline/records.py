@@ -70,30 +70,30 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n")
 
 
+def parse_record_line(raw: bytes, path: str | Path, lineno: int, required: Iterable[str] = ()) -> dict:
+    """One JSONL line as a record; errors name the file, the line and the record id."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"{path}:{lineno}: not UTF-8 ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(rec, dict):
+        raise RecordError(f"{path}:{lineno}: a record must be a JSON object")
+    missing = [k for k in required if k not in rec]
+    if missing:
+        raise RecordError(f"{path}:{lineno}: record {rec.get('id', '?')!r} is missing field(s) {missing}")
+    return rec
+
+
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
     """Read records; a bad line or a record missing a required field names the file, line and id."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"records file not found: {path}")
     required = tuple(required)
-    out = []
     with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise RecordError(f"{path}:{lineno}: not UTF-8 ({exc.reason})") from None
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise RecordError(f"{path}:{lineno}: a record must be a JSON object")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise RecordError(f"{path}:{lineno}: record {rec.get('id', '?')!r} is missing field(s) {missing}")
-            out.append(rec)
-    return out
+        return [parse_record_line(raw, path, lineno, required) for lineno, raw in enumerate(fh, 1) if raw.strip()]
 
 
 def run_sharded(items: list[dict], shard_size: int, work_dir: str | Path, fingerprint: str,

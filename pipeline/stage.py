@@ -28,7 +28,8 @@ def load_stage_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: far too chatty for thousands of requests.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     path = Path(args.config)
     return load_config(path, args.overrides), path
 
