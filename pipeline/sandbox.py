@@ -305,8 +305,11 @@ def _bwrap_argv(config: SandboxConfig, command: list[str]) -> list[str]:
     hidden = _hidden_paths(config.hide_paths)
     for path in hidden:
         argv += ["--tmpfs", str(path)]
+    # /tmp and /run are fresh tmpfs too: an interpreter or venv under them (a checkout in /tmp)
+    # must be bound back like one under a hidden path.
+    masked = [*hidden, Path("/tmp"), Path("/run")]
     for keep in _python_paths():
-        outer = next((h for h in hidden if keep.is_relative_to(h) and keep != h), None)
+        outer = next((h for h in masked if keep.is_relative_to(h) and keep != h), None)
         if outer is None:
             continue
         # bwrap creates missing parents 0700, which the unprivileged job could not traverse.

@@ -24,10 +24,10 @@ def test_repo_params_resolve_to_the_cpu_offline_default():
 
 def test_layers_override_in_order(tmp_path):
     project = make_project(tmp_path, {})
-    # profile ci sets n_exercises=4 and teacher=smollm2; params overrides n_exercises; --set overrides again
+    # profile ci sets n_exercises=6 and finetune.max_steps=3; params overrides n_exercises; --set overrides again
     path = write(project, {"profile": "ci", "generate": {"n_exercises": 9, "sampling": {"temperature": 0.3}}})
     cfg = load_config(path)
-    assert cfg.generate.teacher == "smollm2-135m-instruct"  # from the profile
+    assert cfg.finetune.max_steps == 3 and cfg.evaluate.problems == 4  # from the profile
     assert cfg.generate.n_exercises == 9  # params beat the profile
     assert cfg.generate.sampling.temperature == 0.3 and cfg.generate.sampling.top_p == 0.95  # default kept
     cfg = load_config(path, ["generate.n_exercises=11", "generate.sampling.stop=[\"\\n\\n\"]", "profile=a100"])

@@ -53,7 +53,7 @@ def decontaminate_stats(kept_ex: int = 640, kept_tb: int = 238) -> dict:
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    root = make_project(tmp_path, {"profile": "ci", "seed": 7})
+    root = make_project(tmp_path, {"profile": "ci", "seed": 7, "generate": {"teacher": "smollm2-135m-instruct"}})
     return root, load_config(root / "params.yaml")
 
 
