@@ -83,8 +83,8 @@ def test_server_start_failure_points_at_the_log(tmp_path):
 
 def test_generate_stage_with_real_llamacpp_and_sigterm_stops_the_server(tmp_path):
     """Smoke test of the whole stage on a real llama.cpp server (CI runs it)."""
-    project = make_project(tmp_path, {"profile": "ci", "seed": 3, "generate": {"n_exercises": 3, "n_textbooks": 1,
-                                                                                "sampling": {"max_tokens": 160}}})
+    project = make_project(tmp_path, {"profile": "ci", "seed": 3, "generate": {
+        "teacher": "smollm2-135m-instruct", "n_exercises": 3, "n_textbooks": 1, "sampling": {"max_tokens": 160}}})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "pipeline", "generate", "-q"]
     done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
@@ -105,6 +105,8 @@ def test_generate_stage_with_real_llamacpp_and_sigterm_stops_the_server(tmp_path
     while not (_server_pids() - before) and time.monotonic() < deadline:
         time.sleep(0.1)
     started = _server_pids() - before
+    if not started:
+        proc.kill()  # never leave a stage running behind a failed test
     assert started
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
