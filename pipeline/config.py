@@ -18,6 +18,7 @@ allowed. Model presets (``configs/models/<name>.yaml``) are referred to by name.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import yaml
 
 from .fields import ConfigError, check, opt
 from .sandbox import SandboxConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "check", "opt"]
 
@@ -509,6 +512,20 @@ def load_preset(name: str, root: Path) -> ModelPreset:
     return build(ModelPreset, data, f"preset '{name}'")
 
 
+def shadowed(profile: dict, params: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, params value, profile value) for every leaf both set to different values."""
+    out = []
+    for key, theirs in profile.items():
+        if key not in params:
+            continue
+        ours, name = params[key], f"{prefix}{key}"
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            out += shadowed(theirs, ours, f"{name}.")
+        elif ours != theirs:
+            out.append((name, ours, theirs))
+    return out
+
+
 def load_config(config_path: str | Path = "params.yaml", overrides: list[str] | None = None) -> RunConfig:
     """Resolve defaults < profile < params file < --set overrides into a validated RunConfig."""
     path = Path(config_path)
@@ -521,7 +538,11 @@ def load_config(config_path: str | Path = "params.yaml", overrides: list[str] | 
     prof_path = root / "profiles" / f"{profile}.yaml"
     if not prof_path.is_file():
         raise ConfigError(f"profile: unknown profile '{profile}'; available: {_available(root / 'profiles')}")
-    merged = deep_merge(deep_merge(read_yaml(prof_path, "profile"), params), cli)
+    prof = read_yaml(prof_path, "profile")
+    for key, ours, theirs in shadowed(prof, params):
+        log.warning("%s sets %s=%r over profile '%s' (%r): the profile's value is not used", path.name, key,
+                    ours, profile, theirs)
+    merged = deep_merge(deep_merge(prof, params), cli)
     merged["profile"] = profile
     cfg = build(RunConfig, merged)
     for section in dataclasses.fields(cfg):  # unknown presets fail now, not mid-run

@@ -591,7 +591,9 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
                 row.update(passed=v.passed, status=v.status, error=verdict_error(v), subset=subset)
 
     per_problem: dict[str, dict[str, dict]] = {}
-    humaneval: dict[str, Any] = {"problems": len(problems), "problems_total": HUMANEVAL_TOTAL, "subset": subset,
+    # The model names are metrics too, so `dvc exp show` and `dvc metrics diff` say which student each row is.
+    humaneval: dict[str, Any] = {"presets": {"student": cfg.finetune.student, "teacher": cfg.generate.teacher},
+                                 "problems": len(problems), "problems_total": HUMANEVAL_TOTAL, "subset": subset,
                                  "samples_per_problem": ev.n_samples, "temperature": ev.temperature,
                                  "top_p": ev.top_p, "max_tokens": ev.max_tokens}
     flags: list[str] = []

@@ -88,6 +88,28 @@ def test_every_shipped_preset_and_profile_is_valid():
         load_config(REPO / "params.yaml", [f"profile={path.stem}"])
 
 
+def test_repo_params_shadow_no_profile_key(caplog):
+    # params.yaml beats the profile, so a key in both would silently void the profile's scale.
+    for path in (REPO / "configs" / "profiles").glob("*.yaml"):
+        caplog.clear()
+        cfg = load_config(REPO / "params.yaml", [f"profile={path.stem}"])
+        assert not [r for r in caplog.records if "over profile" in r.message], path.stem
+        profile = yaml.safe_load(path.read_text())
+        for section, values in profile.items():  # and each profile value is the one in effect
+            for key, value in values.items():
+                if not isinstance(value, dict):
+                    assert getattr(getattr(cfg, section), key) == value, f"{path.stem}: {section}.{key}"
+
+
+def test_a_params_key_that_shadows_the_profile_is_logged(tmp_path, caplog):
+    project = make_project(tmp_path, {})
+    path = write(project, {"profile": "ci", "finetune": {"max_steps": 50, "lora_r": 8}})
+    cfg = load_config(path)
+    assert cfg.finetune.max_steps == 50
+    shadow = [r.message for r in caplog.records if "over profile" in r.message]
+    assert shadow == ["params.yaml sets finetune.max_steps=50 over profile 'ci' (3): the profile's value is not used"]
+
+
 def test_every_key_has_help():
     rows = describe(RunConfig)
     assert len(rows) > 30
