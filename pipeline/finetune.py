@@ -37,7 +37,6 @@ eval loss, learning rate, grad norm, tokens/s), resolved_config.yaml, checkpoint
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -315,7 +314,7 @@ def _trainer_classes() -> tuple[type, type]:
     return PackingTrainer, TrainerCallback
 
 
-def make_callbacks(ft: FinetuneConfig, live_dir: Path, resumed: bool) -> list:
+def make_callbacks(ft: FinetuneConfig, live_dir: Path) -> list:
     _, TrainerCallback = _trainer_classes()
 
     class LossGuard(TrainerCallback):
@@ -344,32 +343,25 @@ def make_callbacks(ft: FinetuneConfig, live_dir: Path, resumed: bool) -> list:
             self.best = min(self.best, loss)
 
     class LiveLogger(TrainerCallback):
-        """Per-step metrics as dvclive plots, stepped by the optimizer step (so a resume lines up).
+        """Per-step metrics as dvclive plots, stepped by the optimizer step.
 
         tokens/s counts real (non-padding) tokens over the time spent inside optimizer steps
-        (forward, backward, update), not the evaluations and checkpoint saves between them."""
-
-        NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
-                 "eval_loss": "eval/loss"}
+        (forward, backward, update), not the evaluations and checkpoint saves between them. The
+        running totals go into the Trainer's log history, which every checkpoint saves: a resumed
+        or restored run rebuilds its curves and its tokens/s from there, since DVC deletes the
+        dvclive folder before it re-runs the stage."""
 
         def __init__(self) -> None:
             self.live: Any = None
             self.step_start = 0.0
-            self.busy = self.busy_logged = 0.0
-            self.tokens_start = self.tokens_logged = 0
-
-        @property
-        def tokens_per_s(self) -> float:
-            return (self.tokens_logged - self.tokens_start) / self.busy if self.busy > 0 else 0.0
+            self.busy_before = self.busy = self.busy_logged = 0.0
+            self.tokens_logged = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            from dvclive import Live
-
-            if resumed:
-                trim_live_history(live_dir, state.global_step)
-            # dvcyaml=None: the stage's dvc.yaml declares the plots; no DVC experiment per run.
-            self.live = Live(str(live_dir), resume=resumed, save_dvc_exp=False, dvcyaml=None, report=None)
-            self.tokens_start = self.tokens_logged = state.num_input_tokens_seen
+            last = run_totals(state.log_history)
+            self.busy_before = last.get("busy_s", 0.0)
+            self.tokens_logged = state.num_input_tokens_seen
+            self.live = write_live(live_dir, state.log_history)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_start = time.monotonic()
@@ -381,35 +373,54 @@ def make_callbacks(ft: FinetuneConfig, live_dir: Path, resumed: bool) -> list:
             if self.live is None:  # not training (a finished run's final evaluation)
                 return
             logs = logs or {}
-            self.live.step = state.global_step
-            for key, name in self.NAMES.items():
-                if key in logs:
-                    self.live.log_metric(name, float(logs[key]))
+            entry = state.log_history[-1]  # the Trainer appends this log's entry before calling us
             if "loss" in logs and self.busy > self.busy_logged:
-                rate = (state.num_input_tokens_seen - self.tokens_logged) / (self.busy - self.busy_logged)
-                self.live.log_metric("train/tokens_per_s", rate)
+                entry["tokens_per_s"] = (state.num_input_tokens_seen - self.tokens_logged) / (self.busy - self.busy_logged)
+                entry["busy_s"] = self.busy_before + self.busy
+                entry["tokens_seen"] = state.num_input_tokens_seen
                 self.tokens_logged, self.busy_logged = state.num_input_tokens_seen, self.busy
+            log_entry(self.live, entry)
             self.live.make_summary()
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.tokens_logged = state.num_input_tokens_seen
             self.live.end()
 
     return [LossGuard(), LiveLogger()]
 
 
-def trim_live_history(live_dir: Path, last_step: int) -> None:
-    """Drop dvclive rows logged after the checkpoint we resume from: they are logged again."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        with tsv.open(newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-        if not rows:
-            continue
-        keep = [r for r in rows if int(r["step"]) <= last_step]
-        with tsv.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
-            writer.writeheader()
-            writer.writerows(keep)
+LIVE_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
+              "tokens_per_s": "train/tokens_per_s", "eval_loss": "eval/loss"}
+
+
+def log_entry(live: Any, entry: dict) -> None:
+    live.step = entry["step"]
+    for key, name in LIVE_NAMES.items():
+        if key in entry:
+            live.log_metric(name, float(entry[key]))
+
+
+def write_live(live_dir: Path, log_history: list[dict]) -> Any:
+    """A fresh dvclive folder holding the curves of `log_history` (a resumed run's steps so far)."""
+    from dvclive import Live
+
+    # dvcyaml=None: the stage's dvc.yaml declares the plots; no DVC experiment per run.
+    live = Live(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+    for entry in log_history:
+        log_entry(live, entry)
+    if log_history:
+        live.make_summary()
+    return live
+
+
+def run_totals(log_history: list[dict]) -> dict:
+    """The last log entry with the run's running totals (tokens seen, busy seconds), or {}."""
+    return next((e for e in reversed(log_history) if "busy_s" in e), {})
+
+
+def run_tokens_per_s(log_history: list[dict]) -> float:
+    """The whole run's training tokens/s, across resumes."""
+    last = run_totals(log_history)
+    return last["tokens_seen"] / last["busy_s"] if last.get("busy_s") else 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -536,9 +547,9 @@ def final_eval_loss(trainer: Any) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def train_or_restore(trainer: Any, resume: Path | None) -> None:
-    """Train (from `resume` if given); a checkpoint at the run's last step is only loaded, since
-    the Trainer, resumed there, would run one step past max_steps."""
+def train_or_restore(trainer: Any, resume: Path | None, live_dir: Path) -> None:
+    """Train (from `resume` if given); a checkpoint at the run's last step is only loaded (and its
+    curves written to `live_dir`), since the Trainer, resumed there, would run one step past max_steps."""
     if resume is None or not finished(resume):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         return
@@ -549,6 +560,7 @@ def train_or_restore(trainer: Any, resume: Path | None) -> None:
     log.info("%s is this run's last step: nothing left to train", resume)
     set_peft_model_state_dict(trainer.model, load_file(str(resume / "adapter_model.safetensors")))
     trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    write_live(live_dir, trainer.state.log_history).end()
 
 
 def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: str, dtype: torch.dtype,
@@ -629,7 +641,7 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
     resume = resume_point(ckpt_dir, run_fingerprint(cfg, preset, dataset_sha))
     if resume is not None:
         log.info("resuming from %s", resume)
-    own = make_callbacks(ft, out_dir / "dvclive", resumed=resume is not None)
+    own = make_callbacks(ft, out_dir / "dvclive")
     PackingTrainer, _ = _trainer_classes()
     trainer = PackingTrainer(
         model=model,
@@ -645,7 +657,7 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
 
         trainer.remove_callback(PrinterCallback)
     t_train = time.monotonic()
-    train_or_restore(trainer, resume)
+    train_or_restore(trainer, resume, out_dir / "dvclive")
     train_s = time.monotonic() - t_train
     eval_loss = final_eval_loss(trainer) if data.eval else None
     adapter_dir = save_adapter(trainer.model, out_dir)
@@ -662,7 +674,7 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
         "train_loss_mean": sum(train_losses) / len(train_losses) if train_losses else None,
         "eval_loss": eval_loss,
         "train_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": round(own[1].tokens_per_s, 2),  # this session's steps (after a resume: the rest)
+        "tokens_per_s": round(run_tokens_per_s(trainer.state.log_history), 2),  # the whole run, across resumes
         "train_s": round(train_s, 2),
         "trainable_params": trainable,
         "total_params": total,

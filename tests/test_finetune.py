@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_dir)
     params, _ = ft_project(tmp_path / "crash", tiny_dir, max_steps=6, save_steps=2)
     with pytest.raises(KeyboardInterrupt):
         run(params, callbacks=[Crash()])
+    shutil.rmtree(tmp_path / "crash" / "out" / "dvclive")  # `dvc repro` deletes it before the stage runs
     resumed = run(params)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == ref["steps"] == 6
     a = load_file(tmp_path / "ref" / "out" / "adapter" / "adapter_model.safetensors")
@@ -239,8 +241,14 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_dir)
     assert all(math.isclose(x, y, rel_tol=1e-5) for (_, x), (_, y) in zip(ref_loss, got_loss, strict=True))
     assert math.isclose(resumed["eval_loss"], ref["eval_loss"], rel_tol=1e-5)
     # A rerun of a finished run trains nothing (no step past max_steps) and rewrites the same adapter.
+    shutil.rmtree(tmp_path / "crash" / "out" / "dvclive")
     again = run(params)
     assert (again["resumed_from_step"], again["steps"], again["eval_loss"]) == (6, 6, resumed["eval_loss"])
+    # ... and its curves and throughput come back from the checkpoint, not from the deleted folder.
+    assert read_tsv(tmp_path / "crash" / "out" / loss) == got_loss
+    assert again["tokens_per_s"] == resumed["tokens_per_s"] > 0
+    rates = read_tsv(tmp_path / "crash" / "out" / "dvclive/plots/metrics/train/tokens_per_s.tsv")
+    assert [s for s, _ in rates] == [1, 2, 3, 4, 5, 6]
     c = load_file(tmp_path / "crash" / "out" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(b[key], c[key]) for key in b)
 
@@ -324,7 +332,7 @@ def test_nan_or_spiking_loss_stops_with_a_clear_message(tmp_path):
     from pipeline.finetune import make_callbacks
 
     def guard():
-        return make_callbacks(ftcfg(loss_spike_factor=3.0), tmp_path, resumed=False)[0]
+        return make_callbacks(ftcfg(loss_spike_factor=3.0), tmp_path)[0]
 
     args, control = TrainingArguments(output_dir=str(tmp_path), report_to="none"), TrainerControl()
     state = TrainerState()

@@ -92,6 +92,10 @@ def test_dvc_repro_end_to_end_on_the_ci_profile(tmp_path):
     # dvc sees the declared metrics, and a second repro re-runs nothing, fast.
     shown = dvc(project, "metrics", "show", "--json")
     assert shown.returncode == 0 and "humaneval" in shown.stdout
+    plots = dvc(project, "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    for declared in ("loss.tsv", "pass_at_1.csv", "funnel.csv"):
+        assert declared in plots.stdout, declared
     t0 = time.monotonic()
     again = dvc(project, "repro")
     elapsed = time.monotonic() - t0
