@@ -514,21 +514,31 @@ def cost_section(inputs: Inputs) -> list[Block]:
     rows: list[list[Any]] = []
     if gen:
         tokens = gen.get("tokens") or {}
+        ledger = gen.get("ledger_this_run") or {}
+        reused = f"{ledger.get('cache_hits', 0)} of {gen.get('completed', NA)} responses" if ledger else NA
         rows.append([f"teacher generation (`{gen.get('teacher', NA)}`)", tokens.get("prompt"), tokens.get("completion"),
-                     gen.get("cost_usd"), (gen.get("timing") or {}).get("wall_s")])
+                     gen.get("cost_usd"), (gen.get("timing") or {}).get("wall_s"), reused])
     else:
-        rows.append(["teacher generation", NA, NA, NA, NA])
+        rows.append(["teacher generation", NA, NA, NA, NA, NA])
     flat_ft = flatten(inputs.finetune or {})
     runtime = first_value(flat_ft, "train_runtime", "wall_s", "runtime_s", "train_s")
-    rows.append(["fine-tuning", "-", "-", "-" if inputs.finetune else NA, runtime if inputs.finetune else NA])
+    resumed = (inputs.finetune or {}).get("resumed_from_step")
+    reused = f"checkpoint at step {resumed} of {inputs.finetune.get('steps')}" if resumed else "-"
+    rows.append(["fine-tuning", "-", "-", "-" if inputs.finetune else NA, runtime if inputs.finetune else NA,
+                 reused if inputs.finetune else NA])
     he = (inputs.metrics or {}).get("humaneval") or {}
     for m in evaluated_models(he):
         r = he[m]
+        sent, hits = r.get("requests_sent") or 0, r.get("cache_hits") or 0
         rows.append([f"evaluation: {MODEL_LABELS[m]}", "-", r.get("completion_tokens"), "-",
-                     round((r.get("generation_s") or 0) + (r.get("execution_s") or 0), 1)])
-    blocks.append(Table(["item", "prompt tokens", "completion tokens", "USD", "wall s"], rows))
+                     round((r.get("generation_s") or 0) + (r.get("execution_s") or 0), 1),
+                     f"{hits} of {sent + hits} completions"])
+    blocks.append(Table(["item", "prompt tokens", "completion tokens", "USD", "wall s", "reused from an earlier run"],
+                        rows))
     blocks.append(Para("USD from each preset's price table (0 for local models); the local runs cost machine time "
-                       "only. Evaluation wall time is generation plus execution, server start excluded."))
+                       "only. Evaluation wall time is generation plus execution, server start excluded. Wall times "
+                       "are this run's: work reused from the request caches or a finished checkpoint took none, "
+                       "so a fully cached re-run shows near-zero times."))
     return blocks
 
 

@@ -59,7 +59,8 @@ def fixture_run(root: Path) -> Path:
     _write(root / "data/generate/stats.json", {"teacher": "qwen", "requested": 28, "kept": {"exercise": 21, "textbook": 4},
                                                 "rejected": 3, "rejected_by_reason": {"parse:no_assert_tests": 3},
                                                 "tokens": {"prompt": 4950, "completion": 6740}, "cost_usd": 0.0123,
-                                                "timing": {"wall_s": 282.1}})
+                                                "timing": {"wall_s": 282.1}, "completed": 28,
+                                                "ledger_this_run": {"cache_hits": 10, "requests_sent": 18}})
     _write(root / "data/filter/stats.json", {"exercise": {"in": 21, "kept": 5, "dropped": 16}, "textbook":
                                               {"in": 4, "kept": 3, "dropped": 1}})
     _write(root / "data/dedupe/stats.json", {"in": {"exercise": 5, "textbook": 3}, "kept": {"exercise": 5, "textbook": 2},
@@ -70,7 +71,7 @@ def fixture_run(root: Path) -> Path:
                                                      "removed_by_signal": {"ngram": 1}, "dataset": {"rows": 6},
                                                      "tokens": {"completion_tokens": 1500}})
     _write(root / "data/finetune/metrics.json", {"train_loss": 1.25, "train_runtime": 45.5, "train_examples": 4,
-                                                  "train_tokens": 3000})
+                                                  "train_tokens": 3000, "steps": 12, "resumed_from_step": 8})
     tsv = root / "data/finetune/dvclive/plots/metrics/train/loss.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("timestamp\tstep\tloss\n" + "".join(f"{1000 + s}\t{s}\t{2.5 / (s + 1):.4f}\n" for s in range(12)))
@@ -116,6 +117,10 @@ def test_report_sections_numbers_and_determinism(tmp_path, monkeypatch):
     assert _row(md, "0.8")[1:5] == ["10", "20.0", "30.0", "0"]
     assert _row(md, "generate")[1:4] == ["28", "25", "3"] and _row(md, "decontaminate")[1:4] == ["7", "6", "1"]
     assert "0.0123" in _row(md, "teacher generation (`qwen`)")[3]
+    # Work reused from the caches or a checkpoint is said, so a cached re-run's near-zero times are not misread.
+    assert _row(md, "teacher generation (`qwen`)")[5] == "10 of 28 responses"
+    assert _row(md, "fine-tuning")[4:6] == ["45.5", "checkpoint at step 8 of 12"]
+    assert _row(md, "evaluation: base")[5] == "0 of 10 completions"
     assert "`train_loss` | 1.25" in md and "teacher: 3 of 4 completions hit max_tokens" in md
     assert "trained on 4 exercises (~3k tokens)" in md and "Only the first 10 of 164" in md
     assert result["plots"] == ["funnel.png", "loss.png", "pass_at_1.png"] and result["missing"] == []
