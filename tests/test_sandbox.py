@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import random
 import re
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -474,3 +477,52 @@ def test_rlimits_fallback_works_and_warns_once(
                 assert verdicts[7].error_type == "ZygoteLost"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "rlimits" in warnings[0].getMessage()
+
+
+_NON_ROOT_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.sandbox import Job, Sandbox, SandboxConfig
+target, uid = sys.argv[2], int(sys.argv[3])
+jobs = [
+    Job("assert sum([1, 2]) == 3", job_id="pass"),
+    Job("assert sum([1, 2]) == 4", job_id="fail"),
+    Job(f"import os\\nassert os.getuid() == {uid}, os.getuid()", job_id="uid"),
+    Job(f"open({target!r}, 'a').write('pwned')", job_id="write"),
+    Job("import socket\\nsocket.create_connection(('1.1.1.1', 53), timeout=2)", job_id="net"),
+    Job("while True:\\n    pass", job_id="loop", timeout_s=1.0),
+]
+with Sandbox(SandboxConfig(workers=2)) as sb:
+    verdicts = sb.run(jobs)
+    print(json.dumps({"isolation": sb.isolation, **{j.job_id: [v.status, v.error_type, v.error_message]
+                                                     for j, v in zip(jobs, verdicts)}}))
+"""
+
+
+def test_sandbox_as_a_non_root_user(tmp_path: Path) -> None:
+    """The path most users run: bwrap unprivileged (its own user namespace), jobs keep the user's
+    uid, so the read-only root, the tmpfs and the network namespace are what protect the host.
+    As root (CI), the test becomes uid 65534 in a user namespace of its own first."""
+    scratch = Path(tempfile.mkdtemp(prefix="sandbox-nonroot-", dir="/var/tmp"))
+    try:
+        target = scratch / "target.txt"
+        target.write_text("host data\n")
+        os.chmod(scratch, 0o777)
+        os.chmod(target, 0o666)  # writable by anyone: only the sandbox's read-only root stops the job
+        uid = 65534 if os.geteuid() == 0 else os.geteuid()
+        command = [sys.executable, "-c", _NON_ROOT_SCRIPT, str(REPO), str(target), str(uid)]
+        if os.geteuid() == 0:
+            command = ["bwrap", "--unshare-user", "--uid", "65534", "--gid", "65534", "--dev-bind", "/", "/",
+                       *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        assert got["isolation"] == "bwrap"
+        assert got["pass"][0] == "passed" and got["fail"][:2] == ["failed", "AssertionError"]
+        assert got["uid"][0] == "passed", got["uid"]
+        assert got["write"][0] == "failed" and "Read-only file system" in got["write"][2], got["write"]
+        assert got["net"][0] == "failed" and got["net"][1] == "OSError", got["net"]
+        assert got["loop"][0] == "timeout"
+        assert target.read_text() == "host data\n"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
