@@ -8,6 +8,9 @@ evaluate stage's own time split (generation vs execution).
    sent through the one client to llama.cpp started as `n_parallel` server processes sharing
    the cores: 2 processes x 1 thread each against 1 process x 2 threads. Server start-up is
    timed apart; problems per minute and completion tokens/s are over the generation alone.
+   The same again with `reuse_prompt_prefix: true` (the stock server, which re-evaluates only
+   what follows the previous request's common prefix) prices the default's reproducibility:
+   every request evaluated from an empty context.
 2. The evaluate stage end to end (`run_evaluate`, base model only, a fresh request cache in a
    temporary project): self-check, generation and sandboxed execution times from its metrics.
 
@@ -45,9 +48,10 @@ from pipeline.servers import serve  # noqa: E402
 
 
 def throughput(preset: ModelPreset, problems: list[dict], ev: EvaluateConfig, processes: int, threads: int,
-               log_dir: Path) -> dict:
+               log_dir: Path, reuse_prefix: bool = False) -> dict:
     """Generation rates with `processes` llama.cpp servers of `threads // processes` threads each."""
-    p = dataclasses.replace(preset, server=dataclasses.replace(preset.server, n_parallel=processes, n_threads=threads))
+    p = dataclasses.replace(preset, server=dataclasses.replace(preset.server, n_parallel=processes, n_threads=threads,
+                                                               reuse_prompt_prefix=reuse_prefix))
     requests = build_requests(Target("base", p, "llamacpp"), problems, ev, run_seed=0)
     t0 = time.monotonic()
     with serve(p, log_dir) as urls:
@@ -117,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"2 processes x {parallel['threads_per_process']} thread(s): {parallel}", flush=True)
         single = throughput(preset, problems, ev, 1, args.threads, Path(logs))
         print(f"1 process x {single['threads_per_process']} thread(s): {single}", flush=True)
-    out.update(parallel_2x1=parallel, single_1x2=single,
-               speedup_parallel=round(single["generation_s"] / parallel["generation_s"], 3))
+        reuse = throughput(preset, problems, ev, 2, args.threads, Path(logs), reuse_prefix=True)
+        print(f"2 processes, prompt prefix reuse: {reuse}", flush=True)
+    out.update(parallel_2x1=parallel, single_1x2=single, prefix_reuse_2x1=reuse,
+               speedup_parallel=round(single["generation_s"] / parallel["generation_s"], 3),
+               # tokens/s, since the two modes may not produce the same completions
+               fresh_context_vs_prefix_reuse=round(parallel["tokens_per_s"] / reuse["tokens_per_s"], 3))
     if not args.skip_stage:
         with contextlib.redirect_stdout(sys.stderr):
             out["stage"] = stage_run(args.preset, args.problems, args.max_tokens)

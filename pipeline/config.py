@@ -77,6 +77,10 @@ class ServerConfig:
     startup_timeout_s: float = opt(600.0, help="How long to wait for the server's health check.")
     gpu_memory_utilization: float = opt(0.90, help="vLLM: fraction of GPU memory to use.")
     extra_args: list[str] = opt([], help="Extra command-line arguments passed to the server.")
+    reuse_prompt_prefix: bool = opt(
+        False, help="llama.cpp: re-evaluate only the part of a prompt after the previous request's common prefix. "
+        "Faster prompts, but a greedy completion then depends on the order of requests; off = each request from "
+        "an empty context, reproducible.")
 
     def __post_init__(self) -> None:
         check(self.n_ctx > 0, "server.n_ctx", f"must be > 0, got {self.n_ctx}")

