@@ -377,7 +377,6 @@ def make_callbacks(ft: FinetuneConfig, live_dir: Path) -> list:
             if "loss" in logs and self.busy > self.busy_logged:
                 entry["tokens_per_s"] = (state.num_input_tokens_seen - self.tokens_logged) / (self.busy - self.busy_logged)
                 entry["busy_s"] = self.busy_before + self.busy
-                entry["tokens_seen"] = state.num_input_tokens_seen
                 self.tokens_logged, self.busy_logged = state.num_input_tokens_seen, self.busy
             log_entry(self.live, entry)
             self.live.make_summary()
@@ -413,14 +412,15 @@ def write_live(live_dir: Path, log_history: list[dict]) -> Any:
 
 
 def run_totals(log_history: list[dict]) -> dict:
-    """The last log entry with the run's running totals (tokens seen, busy seconds), or {}."""
+    """The last log entry with the run's running totals (busy seconds, and the Trainer's
+    num_input_tokens_seen), or {}."""
     return next((e for e in reversed(log_history) if "busy_s" in e), {})
 
 
 def run_tokens_per_s(log_history: list[dict]) -> float:
     """The whole run's training tokens/s, across resumes."""
     last = run_totals(log_history)
-    return last["tokens_seen"] / last["busy_s"] if last.get("busy_s") else 0.0
+    return last["num_input_tokens_seen"] / last["busy_s"] if last.get("busy_s") else 0.0
 
 
 # ---------------------------------------------------------------------------------------
