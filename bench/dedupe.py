@@ -19,6 +19,18 @@ into a ``MinHashLSH``. The last line of stdout is one JSON object with every fig
 per size docs/s, wall and CPU seconds, peak MB, what was removed against what was planted
 (near copies below the 0.8 threshold are rightly kept), the baseline's, the speedup (docs/s),
 the CPU ratio and whether the goals are met (1M in < 10 min and < 4 GB, >= 3x the baseline).
+
+``--compare-datasketch`` measures instead whether datasketch's bulk API would do the stage's
+MinHash work faster, on the same documents' shingle sets (20k exercises by default;
+shingling is not timed): signatures from our ``MinHasher`` (its numpy batches of
+BATCH_DOCS documents) against ``datasketch.MinHash.bulk`` (num_perm 128 for both; datasketch
+gets each shingle hash's upper 32 bits, the input ours uses, through an identity hashfunc:
+its cheapest use), then LSH banding of our signatures: our ``band_hashes`` +
+``candidate_pairs`` against ``MinHashLSH`` insert + query (same bands and rows, so both must
+find the same candidate pairs). Each timing is the best of ``--reps``; the last line is one
+JSON object with docs/s, wall and CPU seconds of each and the ratios (ours / datasketch).
+
+    .venv/bin/python bench/dedupe.py --compare-datasketch      # ~1 min on 2 cores
 """
 
 from __future__ import annotations
@@ -35,12 +47,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.records import dumps, sha256_text  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.records import dumps, sha256_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXACT_FRACTION = 0.05
@@ -256,7 +269,7 @@ def _cpu_s() -> float:
 
 
 def child_stage(root: Path, seed: int) -> dict:
-    from pipeline.dedupe import run_dedupe
+    from pipeline.stages.dedupe import run_dedupe
 
     cfg = load_config(REPO / "params.yaml", [f"seed={seed}", f"dedupe.input_dir={root}/in",
                                              f"dedupe.output_dir={root}/out"])
@@ -269,7 +282,7 @@ def child_baseline(root: Path, seed: int) -> dict:
     """A plain datasketch loop: one MinHash per document, updated shingle by shingle, then LSH."""
     from datasketch import MinHash, MinHashLSH
 
-    from pipeline.dedupe import record_text, tokenize
+    from pipeline.stages.dedupe import record_text, tokenize
 
     cfg = load_config(REPO / "params.yaml", [f"seed={seed}"]).dedupe
     k = cfg.shingle_size
@@ -290,6 +303,83 @@ def child_baseline(root: Path, seed: int) -> dict:
                 lsh.insert(rec["id"], m)
             docs += 1
     return {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_s(), "docs": docs, "removed": removed}
+
+
+def _best(fn: Callable[[], object], reps: int) -> tuple[object, float, float]:
+    """(fn's result, best wall seconds, best CPU seconds of this process) over reps runs."""
+    walls, cpus, out = [], [], None
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return out, min(walls), min(cpus)
+
+
+def child_compare(root: Path, seed: int, reps: int) -> dict:
+    """Our MinHash signatures and LSH banding against datasketch's, on the same shingle sets."""
+    import numpy as np
+    from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+    from pipeline.stages.dedupe import (
+        BATCH_DOCS,
+        MinHasher,
+        _raw_tokens,
+        band_hashes,
+        candidate_pairs,
+        optimal_bands,
+        record_text,
+        shingle_hashes,
+    )
+
+    cfg = load_config(REPO / "params.yaml", [f"seed={seed}"]).dedupe
+    with (root / "in" / "exercises.jsonl").open("rb") as fh:
+        texts = [record_text("exercise", json.loads(line)["parsed"]) for line in fh]
+    n = len(texts)
+    # The shingle sets, untimed: the stage's batches of (64-bit shingle hashes, shingles per document).
+    batches = [shingle_hashes([_raw_tokens("exercise", t) for t in texts[lo: lo + BATCH_DOCS]], cfg.shingle_size)
+               for lo in range(0, n, BATCH_DOCS)]
+    # datasketch's input, untimed: per document the upper 32 bits of each shingle hash (what MinHasher
+    # permutes), as Python ints, so its hashfunc can be the identity.
+    per_doc = [part.tolist() for hashes, counts in batches
+               for part in np.split(hashes >> np.uint64(32), np.cumsum(counts)[:-1])]
+
+    hasher = MinHasher(cfg.num_perm, seed)
+    ours_sig, ours_wall, ours_cpu = _best(
+        lambda: np.concatenate([hasher.signatures(h, c) for h, c in batches]), reps)
+    lean, ds_wall, ds_cpu = _best(
+        lambda: MinHash.bulk(per_doc, num_perm=cfg.num_perm, seed=seed, hashfunc=_identity), reps)
+    assert len(lean) == len(ours_sig) == n
+
+    bands, rows = optimal_bands(cfg.threshold, cfg.num_perm)
+    ours_pairs, lsh_wall, lsh_cpu = _best(lambda: candidate_pairs(band_hashes(ours_sig, bands, rows)), reps)
+    ours_as_lean = [LeanMinHash(seed=seed, hashvalues=sig, scheme="affine32") for sig in ours_sig]  # untimed
+
+    def datasketch_lsh() -> set[tuple[int, int]]:
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(bands, rows))
+        for i, m in enumerate(ours_as_lean):
+            lsh.insert(i, m)
+        return {(min(i, j), max(i, j)) for i, m in enumerate(ours_as_lean) for j in lsh.query(m) if j != i}
+
+    ds_pairs, ds_lsh_wall, ds_lsh_cpu = _best(datasketch_lsh, reps)
+
+    def figures(wall: float, cpu: float) -> dict:
+        return {"docs_per_s": round(n / wall, 1), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
+
+    return {
+        "docs": n, "shingles": int(sum(len(h) for h, _ in batches)), "num_perm": cfg.num_perm, "reps": reps,
+        "bands": bands, "rows": rows,
+        "signatures": {"ours": figures(ours_wall, ours_cpu), "datasketch_bulk": figures(ds_wall, ds_cpu),
+                       "ratio_wall": round(ds_wall / ours_wall, 2), "ratio_cpu": round(ds_cpu / ours_cpu, 2)},
+        "lsh": {"ours": {**figures(lsh_wall, lsh_cpu), "candidate_pairs": len(ours_pairs)},
+                "datasketch": {**figures(ds_lsh_wall, ds_lsh_cpu), "candidate_pairs": len(ds_pairs)},
+                "same_pairs": set(map(tuple, ours_pairs.tolist())) == ds_pairs,
+                "ratio_wall": round(ds_lsh_wall / lsh_wall, 2), "ratio_cpu": round(ds_lsh_cpu / lsh_cpu, 2)},
+    }
+
+
+def _identity(x: int) -> int:
+    return x
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -315,11 +405,11 @@ def _tree_rss_mb(pid: int) -> float:
     return sum(rss.get(p, 0) for p in tree) / 2**20
 
 
-def measure(mode: str, root: Path, seed: int) -> dict:
+def measure(mode: str, root: Path, seed: int, extra: tuple[str, ...] = ()) -> dict:
     """Run one measurement in a child process; its result plus the peak RSS of its process tree and
     the 1-minute load average before and after (this machine may be shared: load shows contention)."""
     load_before = os.getloadavg()[0]
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--data", str(root), "--seed", str(seed)],
+    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--data", str(root), "--seed", str(seed), *extra],
                             stdout=subprocess.PIPE, text=True)
     peak = [0.0]
 
@@ -347,12 +437,23 @@ def main() -> None:
     parser.add_argument("--baseline-size", type=int, default=100_000, help="Records for the datasketch baseline.")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dedupe-bench"))
-    parser.add_argument("--child", choices=("stage", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--compare-datasketch", action="store_true",
+                        help="Our MinHash signatures and LSH banding against datasketch's, on the same shingle sets.")
+    parser.add_argument("--compare-size", type=int, default=20_000, help="Records for --compare-datasketch.")
+    parser.add_argument("--reps", type=int, default=3, help="--compare-datasketch: best of this many runs.")
+    parser.add_argument("--child", choices=("stage", "baseline", "compare"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "compare":
+        print(json.dumps(child_compare(Path(args.data), args.seed, args.reps)))
+        return
     if args.child:
         fn = child_stage if args.child == "stage" else child_baseline
         print(json.dumps(fn(Path(args.data), args.seed)))
+        return
+    if args.compare_datasketch:
+        root, _ = dataset(Path(args.workdir), args.compare_size, args.seed)
+        print(json.dumps(measure("compare", root, args.seed, ("--reps", str(args.reps))), sort_keys=True))
         return
 
     sizes = [10_000] if args.quick else [int(s) for s in args.sizes.split(",")]

@@ -35,8 +35,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline.config import REPO_ROOT, ClientConfig, EvaluateConfig, ModelPreset, load_config, load_preset  # noqa: E402
-from pipeline.evaluate import (  # noqa: E402
+from pipeline.core.config import (  # noqa: E402
+    REPO_ROOT,
+    ClientConfig,
+    EvaluateConfig,
+    ModelPreset,
+    load_config,
+    load_preset,
+)
+from pipeline.engines.servers import serve  # noqa: E402
+from pipeline.stages.evaluate import (  # noqa: E402
     Target,
     _send,
     build_requests,
@@ -44,7 +52,6 @@ from pipeline.evaluate import (  # noqa: E402
     run_evaluate,
     truncate_at_stop,
 )
-from pipeline.servers import serve  # noqa: E402
 
 
 def throughput(preset: ModelPreset, problems: list[dict], ev: EvaluateConfig, processes: int, threads: int,

@@ -4,7 +4,7 @@
     .venv/bin/python bench/finetune.py --steps 6 --max-length 256 --configs qlora-packed,lora-packed
     .venv/bin/python bench/finetune.py --gpu                 # CUDA: a random-weight 1.3B Llama
 
-Each config runs `pipeline.finetune.run_finetune` (the stage itself, outputs in a temporary
+Each config runs `pipeline.stages.finetune.run_finetune` (the stage itself, outputs in a temporary
 project) in its own subprocess, so the peak memory is that config's: peak RSS on CPU (the
 model load included), `torch.cuda.max_memory_allocated` on CUDA. Tokens/s counts real
 (non-padding) tokens, as the median of the per-step rates after the first step (warm-up).
@@ -74,8 +74,8 @@ def build_random_model(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.config import REPO_ROOT, load_preset
-    from pipeline.student import load_tokenizer, model_source
+    from pipeline.core.config import REPO_ROOT, load_preset
+    from pipeline.engines.student import load_tokenizer, model_source
 
     tok = load_tokenizer(model_source(load_preset("smollm2-135m-instruct", REPO_ROOT / "configs")))
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -93,9 +93,9 @@ def build_random_model(folder: Path) -> Path:
 
 def worker(spec: dict) -> dict:
     """One config in this process: a temporary project, the stage, its metrics."""
-    from pipeline.config import load_config
-    from pipeline.finetune import run_finetune
-    from pipeline.records import write_jsonl
+    from pipeline.core.config import load_config
+    from pipeline.core.records import write_jsonl
+    from pipeline.stages.finetune import run_finetune
 
     root = Path(spec["root"])
     shutil.copytree(REPO / "configs", root / "configs", dirs_exist_ok=True)

@@ -1,7 +1,7 @@
 """Benchmark: how many requests/s the generate stage sustains, and llama.cpp with N processes vs 1.
 
 1. The client (cache, retries, rate limiting, accounting) against a zero-latency local
-   OpenAI-compatible endpoint (pipeline.fakeserver in its own process), and the whole
+   OpenAI-compatible endpoint (tests.fakeserver in its own process), and the whole
    generate stage (prompt sampling, rendering, client, parsing, writing) against it.
    Goal: >= 500 requests/s, so the client is never the bottleneck.
 2. The llama.cpp server (a GGUF from a PyPI package) with `n_parallel` server processes
@@ -30,15 +30,15 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import ClientConfig, ModelPreset, load_config, load_preset  # noqa: E402
-from pipeline.generate import run_generate  # noqa: E402
-from pipeline.llm import LLMClient, LLMRequest, RequestCache  # noqa: E402
-from pipeline.servers import free_port, serve  # noqa: E402
+from pipeline.core.config import ClientConfig, ModelPreset, load_config, load_preset  # noqa: E402
+from pipeline.engines.llm import LLMClient, LLMRequest, RequestCache  # noqa: E402
+from pipeline.engines.servers import free_port, serve  # noqa: E402
+from pipeline.stages.generate import run_generate  # noqa: E402
 
 
 def start_fake_server() -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.fakeserver", "--port", str(port)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakeserver", "--port", str(port)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     url = proc.stdout.readline().strip()
     httpx.get(f"{url}/models", timeout=10).raise_for_status()

@@ -1,5 +1,5 @@
 """`python -m pipeline generate ...` is the same as `textbook generate ...`."""
 
-from .cli import main
+from pipeline.cli import main
 
 raise SystemExit(main())

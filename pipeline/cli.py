@@ -13,9 +13,9 @@ import sys
 
 import yaml
 
-from .config import ConfigError, RunConfig, describe, to_dict
-from .records import RecordError
-from .stage import add_common_arguments, load_stage_config
+from pipeline.core.config import ConfigError, RunConfig, describe, to_dict
+from pipeline.core.records import RecordError
+from pipeline.core.stage import add_common_arguments, load_stage_config
 
 # stage name -> module with a `main(args) -> int`
 STAGES = {
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             return _config_main(args)
-        module = importlib.import_module(f"pipeline.{args.command}")
+        module = importlib.import_module(f"pipeline.stages.{args.command}")
         return module.main(args)
     except (ConfigError, RecordError) as exc:
         print(f"textbook {args.command}: error: {exc}", file=sys.stderr)

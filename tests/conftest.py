@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.fakeserver import FakeOpenAIServer
+from tests.fakeserver import FakeOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
 

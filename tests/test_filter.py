@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.filter import run_filter
-from pipeline.generate import parse_exercise
-from pipeline.records import RecordError, read_jsonl, run_sharded, write_jsonl
+from pipeline.core.config import load_config
+from pipeline.core.records import RecordError, read_jsonl, run_sharded, write_jsonl
+from pipeline.stages.filter import run_filter
+from pipeline.stages.generate import parse_exercise
 
 from .conftest import REPO
 
@@ -118,7 +118,7 @@ def test_bad_input_is_named(tmp_path):
         run_filter(stage_cfg, REPO / "params.yaml", progress=False)
     bad = dict(CASES["ex-00"][0])
     bad["parsed"] = {k: v for k, v in bad["parsed"].items() if k != "tests"}
-    with pytest.raises(RecordError, match=r"record 'ex-00' is missing parsed field\(s\) \['tests'\]"):
+    with pytest.raises(RecordError, match=r"exercises\.jsonl: record 'ex-00' is missing or has a bad parsed\.tests"):
         stage(tmp_path, [bad])
     (tmp_path / "in" / "exercises.jsonl").write_bytes(b'{"id": "ex-1", "kind": "exercise", "parsed": {"x": "\xff"}}\n')
     with pytest.raises(RecordError, match="exercises.jsonl:1: not UTF-8"):
@@ -155,6 +155,7 @@ def test_run_sharded_resumes_after_a_crash(tmp_path):
     assert len(calls) == 4  # another config matches no finished shard
 
 
+@pytest.mark.slow
 def test_killed_filter_resumes_to_the_same_output(tmp_path):
     # Slow exercises (each test sleeps 0.3 s) in shards of 2: kill after the first shard lands.
     slow = [variant(f"ex-{i:02d}", "    total = 0\n", "    import time\n    time.sleep(0.3)\n    total = 0\n")

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config, load_preset
-from pipeline.finetune import (
+from pipeline.core.config import ConfigError, load_config, load_preset
+from pipeline.core.records import write_jsonl
+from pipeline.engines.student import load_tokenizer, model_source
+from pipeline.stages.finetune import (
     IGNORE,
     Collator,
     TrainingDiverged,
@@ -24,8 +26,6 @@ from pipeline.finetune import (
     split_records,
     tokenize_record,
 )
-from pipeline.records import write_jsonl
-from pipeline.student import load_tokenizer, model_source
 
 from .conftest import REPO, add_preset, make_project
 
@@ -108,7 +108,7 @@ def run(params_path: Path, *overrides: str, callbacks: list | None = None) -> di
 
 
 def ftcfg(**kw):
-    from pipeline.config import FinetuneConfig
+    from pipeline.core.config import FinetuneConfig
 
     return FinetuneConfig(**kw)
 
@@ -185,11 +185,13 @@ def read_tsv(path: Path) -> list[tuple[int, float]]:
     return [(int(a), float(b)) for a, b in (line.split("\t") for line in lines)]
 
 
+@pytest.mark.slow
 def test_qlora_on_the_real_student_writes_every_output(tmp_path, monkeypatch):
     """SmolLM2-135M from its GGUF, NF4 + double quant, packing, completion-only, held-out eval."""
     monkeypatch.chdir(tmp_path)
+    # 160 tokens: this instruct student trains in its chat template (the request evaluate sends it).
     params, _ = ft_project(tmp_path, None, student=SMOL, max_steps=2, save_steps=2, eval_steps=1,
-                           batch_size=2, max_length=64, learning_rate=5e-4)
+                           batch_size=2, max_length=160, learning_rate=5e-4)
     m = run(params)
     out = tmp_path / "out"
     assert m["quantization"] == "nf4" and m["steps"] == 2 and m["device"] == "cpu"
@@ -208,6 +210,7 @@ def test_qlora_on_the_real_student_writes_every_output(tmp_path, monkeypatch):
     assert [s for s, _ in read_tsv(plots / "eval" / "loss.tsv")] == [1, 2]  # the last one is reused
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_dir):
     """Crash after the step-4 checkpoint (mid-interval, after step 5 was logged), resume: the
     adapter and the logged losses equal an uninterrupted run's."""
@@ -264,6 +267,7 @@ def test_partial_checkpoints_and_those_of_another_config_are_not_resumed(tmp_pat
     assert resume_point(ckpt, "fp-2") is None and not (ckpt / "checkpoint-10").exists()
 
 
+@pytest.mark.slow
 def test_plain_lora_and_merge_into_bf16_base(tmp_path, monkeypatch, tiny_dir, tok):
     """quantization=none trains LoRA on the unquantized base; the merged bf16 model computes
     what base + adapter computes."""
@@ -329,7 +333,7 @@ def test_nf4_where_bitsandbytes_cannot_run_suggests_plain_lora(tmp_path, monkeyp
 def test_nan_or_spiking_loss_stops_with_a_clear_message(tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from pipeline.finetune import make_callbacks
+    from pipeline.stages.finetune import make_callbacks
 
     def guard():
         return make_callbacks(ftcfg(loss_spike_factor=3.0), tmp_path)[0]
@@ -350,3 +354,40 @@ def test_nan_or_spiking_loss_stops_with_a_clear_message(tmp_path):
     g.on_train_begin(args, state, control)
     with pytest.raises(TrainingDiverged):
         g.on_log(args, state, control, logs={"loss": 3.5})
+
+
+# ---------------------------------------------------------------------------------------
+# One format: a student trains on exactly the tokens the evaluator sends it
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", ["gemma-3-270m", SMOL])  # a base (completions) and an instruct (chat) preset
+def test_training_format_is_the_evaluation_format(student):
+    from pipeline.core.config import EvaluateConfig
+    from pipeline.core.humaneval import load_problems
+    from pipeline.engines.student import encode_context
+    from pipeline.stages.evaluate import Target, build_requests, completion_from_chat
+
+    preset = load_preset(student, REPO / "configs")
+    tok = load_tokenizer(model_source(preset))
+    problem = load_problems(3)[2]  # HumanEval/2: its prompt ends in a docstring and a newline
+    # What the evaluator sends this student for that problem, tokenized as its engine does.
+    request = build_requests(Target("base", preset, preset.engine), [problem], EvaluateConfig(), 0)[0]
+    assert (request.messages is not None) == (preset.api == "chat")
+    sent = encode_context(tok, prompt=request.prompt, messages=request.messages)
+    # The same problem as a curated exercise: records hold the prompt without its final newline.
+    prompt = problem["prompt"].removesuffix("\n")
+    rec = {"id": "he-2", "kind": "exercise", "prompt": prompt, "text": problem["prompt"] + problem["canonical_solution"]}
+    ex = tokenize_record(rec, tok, completion_only=True, chat=preset.api == "chat")
+    n = len(sent)
+    assert ex.input_ids[:n] == sent  # the context is token for token the evaluator's request
+    assert all(label == IGNORE for label in ex.labels[:n]) and all(label != IGNORE for label in ex.labels[n:])
+    learned = tok.decode(ex.input_ids[n:], skip_special_tokens=True)
+    if preset.api == "chat":  # the answer, read back by the evaluator's own parser, is the whole function
+        completion = completion_from_chat(learned, problem)
+        assert f"def {problem['entry_point']}(" in completion and problem["canonical_solution"].strip() in completion
+        assert ex.input_ids[-1] != tok.eos_token_id or tok.eos_token in tok.apply_chat_template(
+            [{"role": "assistant", "content": "x"}], tokenize=False)  # ends with the template's end of turn
+    else:
+        assert learned == problem["canonical_solution"] and ex.input_ids[-1] == tok.eos_token_id

@@ -15,9 +15,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main as cli_main
-from pipeline.config import load_config
-from pipeline.fakeserver import FAULTS, FakeOpenAIServer
-from pipeline.generate import (
+from pipeline.core.config import load_config
+from pipeline.stages.generate import (
     ParseError,
     load_prompt_space,
     parse_exercise,
@@ -25,6 +24,7 @@ from pipeline.generate import (
     run_generate,
     sample_specs,
 )
+from tests.fakeserver import FAULTS, FakeOpenAIServer
 
 from .conftest import REPO, add_preset, fake_params, make_project
 
@@ -95,6 +95,7 @@ def _stage_cmd(project: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "generate", "-q", "--config", str(project / "params.yaml")]
 
 
+@pytest.mark.slow
 def test_kill9_mid_run_resumes_without_resending(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     params = fake_params(n_exercises=40, n_textbooks=0, concurrency=2)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_preset
-from pipeline.gguf_lora import export_lora_gguf, permute_rows
-from pipeline.models import ensure_gguf
-from pipeline.student import load_tokenizer, model_source
+from pipeline.core.config import ConfigError, load_preset
+from pipeline.engines.gguf_lora import export_lora_gguf, permute_rows
+from pipeline.engines.models import ensure_gguf
+from pipeline.engines.student import load_tokenizer, model_source
 
 from .conftest import REPO
 from .test_finetune import smol_folder, tiny_dir, tok  # noqa: F401 - shared session fixtures
@@ -122,6 +122,7 @@ def cpp_run(gguf: Path, lora: Path | None, prompts: list[list[int]], forced: lis
 
 # Each student's LoRA scale: large enough to change its greedy output, small enough that the
 # llama.cpp base's own quantization noise (Q4 weights, Q8 activations) does not dominate.
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset_name", "scale"), [("smollm2-135m-instruct", 0.5), ("gemma-3-270m", 0.1)])
 def test_llama_cpp_with_the_exported_adapter_matches_transformers_peft(tmp_path, preset_name, scale):
     from transformers import AutoModelForCausalLM

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.metadata
 import time
 
 import pytest
 
-from pipeline.config import ClientConfig, ConfigError, ModelPreset, Price
-from pipeline.fakeserver import FAULTS, FakeOpenAIServer
-from pipeline.llm import LLMClient, LLMRequest, RequestCache, TokenBucket, request_key
+from pipeline.core.config import (
+    REPO_ROOT,
+    ClientConfig,
+    ConfigError,
+    ModelPreset,
+    Price,
+    engine_version,
+    load_preset,
+)
+from pipeline.engines.llm import LLMClient, LLMRequest, RequestCache, TokenBucket, lookup, request_key
+from tests.fakeserver import FAULTS, FakeOpenAIServer
 
 
 def preset(url: str, **kw) -> ModelPreset:
@@ -128,3 +138,93 @@ def test_missing_api_key_fails_before_any_request(monkeypatch):
                     api_key_env="TEXTBOOK_TEST_KEY")
     with pytest.raises(ConfigError, match="TEXTBOOK_TEST_KEY"):
         LLMClient(p, [p.base_url], ClientConfig())
+
+
+# ---------------------------------------------------------------------------------------
+# The cache key holds everything that can change a completion, and nothing that cannot
+# ---------------------------------------------------------------------------------------
+
+REQUEST = LLMRequest("r", messages=[{"role": "user", "content": "write add(a, b)"}],
+                     params={"temperature": 0.8, "top_p": 0.95, "max_tokens": 64, "seed": 7})
+
+
+def _variant(preset_: ModelPreset, server: dict | None = None, **top) -> ModelPreset:
+    return dataclasses.replace(preset_, server=dataclasses.replace(preset_.server, **(server or {})), **top)
+
+
+def _hits(tmp_path, stored: ModelPreset, asked: ModelPreset, req: LLMRequest = REQUEST) -> bool:
+    """Whether `asked` gets the completion that `stored` put in a real request cache."""
+    cache = RequestCache(tmp_path / f"{len(list(tmp_path.iterdir()))}.sqlite")
+    try:
+        cache.put(request_key(stored.identity(), stored.api, REQUEST.messages, REQUEST.prompt, REQUEST.params),
+                  stored.identity(), {"choices": [{"text": "x", "finish_reason": "stop"}], "usage": {}, "cost_usd": 0})
+        return lookup(cache, asked, req) is not None
+    finally:
+        cache.close()
+
+
+@pytest.fixture(scope="module")
+def teacher() -> ModelPreset:
+    return load_preset("qwen2.5-coder-0.5b-instruct", REPO_ROOT / "configs")
+
+
+@pytest.mark.parametrize("change", [
+    {"server": {"n_batch": 256}},
+    {"server": {"n_ctx": 8192}},
+    {"server": {"reuse_prompt_prefix": True}},
+    {"server": {"extra_args": ["--rope_freq_base", "20000"]}},
+    {"chat_format": "chatml"},
+    {"api": "completions"},
+    {"model": "another-alias"},
+    {"gguf_sha256": "0" * 64},
+])
+def test_a_setting_that_changes_completions_misses_the_cache(tmp_path, teacher, change):
+    change = dict(change)
+    if "gguf_sha256" in change:
+        change["gguf"] = dataclasses.replace(teacher.gguf, sha256=change.pop("gguf_sha256"))
+    assert _hits(tmp_path, teacher, teacher)
+    assert not _hits(tmp_path, teacher, _variant(teacher, **change))
+
+
+def test_the_engine_version_is_in_the_key(tmp_path, teacher, monkeypatch, request):
+    cache = RequestCache(tmp_path / "c.sqlite")
+    cache.put(request_key(teacher.identity(), teacher.api, REQUEST.messages, None, REQUEST.params),
+              teacher.identity(), {"choices": [{"text": "x", "finish_reason": "stop"}], "usage": {}, "cost_usd": 0})
+    assert lookup(cache, teacher, REQUEST) is not None
+    real = importlib.metadata.version  # a llama-cpp-python upgrade, as pip would install it
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "9.9.9" if d == "llama-cpp-python" else real(d))
+    engine_version.cache_clear()
+    request.addfinalizer(engine_version.cache_clear)
+    assert "llama-cpp-python==9.9.9" in teacher.identity()
+    assert lookup(cache, teacher, REQUEST) is None
+    cache.close()
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": 0.7}, {"top_p": 0.9}, {"max_tokens": 65}, {"seed": 8}, {"stop": ["\n"]}, {"n": 2},
+])
+def test_a_sampling_change_misses_the_cache(tmp_path, teacher, params):
+    req = dataclasses.replace(REQUEST, params={**REQUEST.params, **params})
+    assert not _hits(tmp_path, teacher, teacher, req)
+
+
+def test_a_prompt_change_misses_the_cache(tmp_path, teacher):
+    other = dataclasses.replace(REQUEST, messages=[{"role": "user", "content": "write add(a, b) "}])
+    assert not _hits(tmp_path, teacher, teacher, other)
+    as_prompt = dataclasses.replace(REQUEST, messages=None, prompt=REQUEST.messages[0]["content"])
+    assert not _hits(tmp_path, teacher, teacher, as_prompt)
+
+
+@pytest.mark.parametrize("server", [
+    {"n_parallel": 7}, {"n_threads": 1}, {"startup_timeout_s": 5.0},
+])
+def test_what_cannot_change_a_completion_still_hits(tmp_path, teacher, server):
+    # Worker count, threads and timeouts: 1 process x 2 threads gave the same tokens as 2 x 1.
+    # Ports and log paths are not settings of the preset at all: a served model's url never enters the key.
+    assert _hits(tmp_path, teacher, _variant(teacher, server=server))
+
+
+def test_a_remote_endpoint_key_ignores_its_url_only_for_managed_servers(tmp_path):
+    a = preset("http://127.0.0.1:1111/v1")
+    assert _hits(tmp_path, a, a)
+    assert not _hits(tmp_path, a, preset("http://api.example.invalid/v1"))  # another remote endpoint

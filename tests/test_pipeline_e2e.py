@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import REPO
@@ -41,6 +42,7 @@ def experiments(shown: list[dict]) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_dvc_repro_end_to_end_on_the_ci_profile(tmp_path):
     project = tmp_path / "project"
     project.mkdir()

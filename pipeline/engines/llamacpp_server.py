@@ -1,6 +1,6 @@
 """llama-cpp-python's OpenAI-compatible server, with every request evaluated from an empty context.
 
-    python -m pipeline._llamacpp_server --model model.gguf --port 8000   # same flags as llama_cpp.server
+    python -m pipeline.engines.llamacpp_server --model model.gguf --port 8000   # same flags as llama_cpp.server
 
 Why: llama-cpp-python keeps the previous request's tokens in the KV cache and re-evaluates only
 the part of a new prompt after the longest common prefix. The prompt is then processed in other

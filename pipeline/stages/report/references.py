@@ -4,7 +4,7 @@ Every number is as printed in its source (percent, pass@1, greedy or as the sour
 `differences()` says in words how each reference differs from our run, so nobody reads a
 270M-parameter LoRA on a few hundred exercises as a replication of phi-1.
 
-    python -c "from pipeline.references import REFERENCES; print([(r.name, r.humaneval) for r in REFERENCES])"
+    python -c "from pipeline.stages.report.references import REFERENCES; print([(r.name, r.humaneval) for r in REFERENCES])"
 """
 
 from __future__ import annotations

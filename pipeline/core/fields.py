@@ -1,7 +1,7 @@
 """Building blocks of the typed configs, shared by every module that declares a config
 section (kept free of other pipeline imports so any module can use them).
 
-    from pipeline.fields import ConfigError, check, opt
+    from pipeline.core.fields import ConfigError, check, opt
 
     @dataclass
     class MyConfig:

@@ -5,7 +5,7 @@ parts across several wheels). The assembled file lands in the model cache
 (``$TEXTBOOK_CACHE`` or ``~/.cache/textbook``) under its sha256, is verified once, and is
 reused from then on.
 
-    python -m pipeline.models qwen2.5-coder-0.5b-instruct
+    python -m pipeline.engines.models qwen2.5-coder-0.5b-instruct
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import REPO_ROOT, ConfigError, GGUFSpec, load_preset
+from pipeline.core.config import REPO_ROOT, ConfigError, GGUFSpec, load_preset
 
 log = logging.getLogger(__name__)
 

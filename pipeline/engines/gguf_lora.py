@@ -18,7 +18,7 @@ llama.cpp scales the adapter by `alpha / r` (times the user's scale), as PEFT do
 rsLoRA adapter (alpha / sqrt(r)) is written with alpha * sqrt(r) so the product matches.
 Tensors are written in f32 (adapters are small; it keeps llama.cpp's result close to PEFT's).
 
-    python -m pipeline.gguf_lora data/finetune/adapter out.gguf --base ~/.cache/textbook/hf/<sha>-v1
+    python -m pipeline.engines.gguf_lora data/finetune/adapter out.gguf --base ~/.cache/textbook/hf/<sha>-v1
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
+from pipeline.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, load_config, resolved_dict
-from .records import atomic_write_text
+from pipeline.core.config import RunConfig, load_config, resolved_dict
+from pipeline.core.records import atomic_write_text
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,12 @@
 """Finetune stage: QLoRA (or plain LoRA) of the student on the curated dataset, phi-1 style.
 
 Input: `{finetune.dataset_dir}/train.jsonl` (one record per exercise or textbook section).
-Exercises train on the solution only (the signature and docstring tokens get label -100);
-textbook sections train on every token. Each example ends with EOS.
+Exercises train on the solution only (the signature and docstring tokens get label -100), in
+the format the student is evaluated in: a base student sees the prompt exactly as evaluate sends
+it (tokenized on its own, so the boundary token agrees); an instruct student (preset `api: chat`)
+sees its chat template around the same request evaluate sends, and learns the answer and the
+end-of-turn. Textbook sections train on every token, as plain text. Each example ends with EOS
+(a chat answer with the template's end of turn).
 
 Data decisions, all made and counted before any training step (metrics.json `examples`):
 examples longer than `max_length` are truncated (or dropped with `drop_long`); an exercise
@@ -51,9 +55,10 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, FinetuneConfig, ModelPreset, RunConfig, configs_dir, load_preset
-from .records import RecordError, dumps, read_jsonl, sha256_text, write_json
-from .stage import write_resolved_config
+from pipeline.core.config import ConfigError, FinetuneConfig, ModelPreset, RunConfig, configs_dir, load_preset
+from pipeline.core.records import RecordError, dumps, read_jsonl, sha256_text, write_json
+from pipeline.core.schema import chat_answer, chat_messages
+from pipeline.core.stage import write_resolved_config
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # dvclive must not phone home from a training run
 
@@ -128,38 +133,61 @@ def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple
     return order[n_eval:], order[:n_eval]
 
 
-def tokenize_record(rec: dict, tok: Any, completion_only: bool) -> Example:
-    """Token ids (+ EOS) and labels; an exercise's prompt tokens get IGNORE when completion_only."""
-    text = rec["text"]
-    enc = tok(text, add_special_tokens=True, return_offsets_mapping=completion_only)
-    ids = list(enc["input_ids"]) + [tok.eos_token_id]
+def split_exercise(rec: dict) -> tuple[str, str]:
+    """(context, target) of an exercise: its prompt up to and including the newline that ends the
+    docstring, as the evaluator sends a HumanEval prompt, and the solution that follows."""
+    text, prompt = rec["text"], rec.get("prompt") or ""
+    if not prompt or not text.startswith(prompt):
+        raise ConfigError(
+            f"finetune: exercise {rec['id']}: its text does not start with its prompt, so the solution "
+            "cannot be located for the completion-only loss (fix the dataset or set "
+            "finetune.completion_only_loss=false)"
+        )
+    boundary = len(prompt) + (1 if text[len(prompt):].startswith("\n") else 0)
+    return text[:boundary], text[boundary:]
+
+
+def tokenize_record(rec: dict, tok: Any, completion_only: bool, chat: bool = False) -> Example:
+    """Token ids and labels of one record, in the format the student is evaluated in.
+
+    Context and target are tokenized on their own and concatenated, so the context's tokens are
+    exactly those of the evaluator's request (no token merges across the boundary). A completion
+    student's exercise is `prompt | solution + EOS`; a chat student's is its chat template around
+    the same request the evaluator sends (:func:`pipeline.core.schema.chat_messages`) and the whole
+    program as the answer, ending with the template's end-of-turn tokens. Textbook sections are
+    plain text for both, every token a target. With `completion_only`, context tokens get IGNORE.
+    """
+    from pipeline.engines.student import encode_chat_answer, encode_context
+
+    if rec["kind"] == "exercise" and (completion_only or chat):
+        context, target = split_exercise(rec)
+        if chat:
+            messages = chat_messages(context)
+            ctx_ids = encode_context(tok, messages=messages)
+            tgt_ids = encode_chat_answer(tok, messages, chat_answer(rec["text"]))
+        else:
+            ctx_ids = encode_context(tok, prompt=context)
+            tgt_ids = list(tok(target, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
+    else:
+        ctx_ids, tgt_ids = [], encode_context(tok, prompt=rec["text"]) + [tok.eos_token_id]
+    ids = ctx_ids + tgt_ids
     # Nothing predicts an example's first token: packed after another example, it must not be
     # learned as "what follows EOS", so packed and unpacked training see the same targets.
     labels = [IGNORE] + ids[1:]
     if completion_only and rec["kind"] == "exercise":
-        prompt = rec.get("prompt") or ""
-        if not prompt or not text.startswith(prompt):
-            raise ConfigError(
-                f"finetune: exercise {rec['id']}: its text does not start with its prompt, so the solution "
-                "cannot be located for the completion-only loss (fix the dataset or set "
-                "finetune.completion_only_loss=false)"
-            )
-        boundary = len(prompt) + (1 if text[len(prompt):].startswith("\n") else 0)
-        # A token ending inside the prompt (or a special token, offsets (0, 0)) is context, not target.
-        for i, (_, end) in enumerate(enc["offset_mapping"]):
-            if end <= boundary:
-                labels[i] = IGNORE
+        labels[: len(ctx_ids)] = [IGNORE] * len(ctx_ids)
     return Example(ids, labels)
 
 
-def prepare_examples(records: list[dict], tok: Any, ft: FinetuneConfig) -> tuple[list[Example], PrepStats]:
+def prepare_examples(records: list[dict], tok: Any, ft: FinetuneConfig,
+                     chat: bool = False) -> tuple[list[Example], PrepStats]:
     """Tokenize, then truncate or drop what is too long; everything counted."""
     stats = PrepStats(records=len(records))
     out = []
     for rec in records:
         stats.exercises += rec["kind"] == "exercise"
         stats.textbooks += rec["kind"] == "textbook"
-        ex = tokenize_record(rec, tok, ft.completion_only_loss)
+        ex = tokenize_record(rec, tok, ft.completion_only_loss, chat)
         if len(ex.input_ids) > ft.max_length:
             if ft.drop_long:
                 stats.dropped_long += 1
@@ -487,7 +515,7 @@ def merge_adapter(preset: ModelPreset, adapter_dir: Path, out_dir: Path) -> Path
     """Merge into a bf16 copy of the base (never the 4-bit one: rounding the sum would lose the delta)."""
     from peft import PeftModel
 
-    from .student import load_student
+    from pipeline.engines.student import load_student
 
     base, tok = load_student(preset, "none", compute_dtype=torch.bfloat16, device="cpu")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -519,10 +547,10 @@ class Prepared:
     extra: dict = field(default_factory=dict)
 
 
-def prepare_data(records: list[dict], tok: Any, ft: FinetuneConfig, seed: int) -> Prepared:
+def prepare_data(records: list[dict], tok: Any, ft: FinetuneConfig, seed: int, chat: bool = False) -> Prepared:
     train_recs, eval_recs = split_records(records, ft.eval_fraction, seed)
-    train_ex, stats = prepare_examples(train_recs, tok, ft)
-    eval_ex, eval_stats = prepare_examples(eval_recs, tok, ft)
+    train_ex, stats = prepare_examples(train_recs, tok, ft, chat)
+    eval_ex, eval_stats = prepare_examples(eval_recs, tok, ft, chat)
     stats.add(eval_stats)
     if not train_ex:
         raise ConfigError(
@@ -609,8 +637,13 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
 
     `callbacks` are extra transformers TrainerCallbacks (tests use one to simulate a crash).
     """
-    from .gguf_lora import check_supported, export_lora_gguf
-    from .student import device_type, load_student, resolve_compute_dtype
+    from pipeline.engines.gguf_lora import check_supported, export_lora_gguf
+    from pipeline.engines.student import (
+        check_packed_attention,
+        device_type,
+        load_student,
+        resolve_compute_dtype,
+    )
 
     t0 = time.monotonic()
     ft = cfg.finetune
@@ -631,7 +664,10 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
     base_config = model.config.to_dict()
     if ft.export_gguf:
         check_supported(base_config["model_type"])
-    data = prepare_data(records, tok, ft, cfg.seed)
+    if ft.packing:
+        check_packed_attention()
+    # An instruct (chat) student trains in its chat template: the format evaluate sends it.
+    data = prepare_data(records, tok, ft, cfg.seed, chat=preset.api == "chat")
     model = add_lora(model, ft, preset, quantized, cfg.seed)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("student %s on %s, %s, compute %s: %d trainable of %d parameters",
@@ -694,7 +730,7 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
 
 
 def main(args) -> int:
-    from .stage import load_stage_config
+    from pipeline.core.stage import load_stage_config
 
     cfg, path = load_stage_config(args)
     try:

