@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 FAULTS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "hang", "malformed", "length")
+# Faults a retry of the same request cures. A cut answer ("length") is not one of them: the client
+# asks for another sample (another seed), so the run cannot end with the clean server's answer.
+TRANSIENT_FAULTS = tuple(f for f in FAULTS if f != "length")
 
 
 @dataclass

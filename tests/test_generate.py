@@ -24,7 +24,7 @@ from pipeline.stages.generate import (
     run_generate,
     sample_specs,
 )
-from tests.fakeserver import FAULTS, FakeOpenAIServer
+from tests.fakeserver import TRANSIENT_FAULTS, FakeOpenAIServer
 
 from .conftest import REPO, add_preset, fake_params, make_project
 
@@ -65,10 +65,10 @@ def test_faulty_server_ends_with_the_clean_dataset(fake_project, fake_server, tm
     run(fake_project)
     clean = outputs(fake_project)
     fake_server.stop()  # the same endpoint (URL, model) comes back, now faulty
-    with FakeOpenAIServer(port=fake_server.port, faults=FAULTS, faults_per_request=2, hang_s=2.5) as faulty:
+    with FakeOpenAIServer(port=fake_server.port, faults=TRANSIENT_FAULTS, faults_per_request=2, hang_s=2.5) as faulty:
         stats = run(fake_project, "generate.output_dir=data/faulty", "generate.cache_path=data/faulty.sqlite",
-                    "generate.client.timeout_s=1.0", "generate.client.length_retries=2")
-        assert set(faulty.state.injected) == set(FAULTS)
+                    "generate.client.timeout_s=1.0")
+        assert set(faulty.state.injected) == set(TRANSIENT_FAULTS)
     assert outputs(fake_project, "data/faulty") == clean
     assert stats["ledger_this_run"]["retries"] > 0 and stats["ledger_this_run"]["failed"] == 0
 
@@ -128,8 +128,9 @@ def test_kill9_mid_run_resumes_without_resending(tmp_path):
 
 
 def test_budget_cap_stops_cleanly_and_resumes(fake_project, fake_server):
-    # Each fake answer costs about $0.0002 at these prices: stop after a few.
-    stats = run(fake_project, "generate.client.budget_usd=0.0008", "generate.client.concurrency=1")
+    # Each fake answer costs about $0.0002 at these prices, its worst case (384 max_tokens) about
+    # $0.001: the run stops once a worst case no longer fits, after a few.
+    stats = run(fake_project, "generate.client.budget_usd=0.0025", "generate.client.concurrency=1")
     assert stats["stopped_by_budget"] and 0 < stats["completed"] < 15
     assert stats["not_attempted"] == 15 - stats["completed"]
     kept = (fake_project / "data/generate/exercises.jsonl").read_text().splitlines()

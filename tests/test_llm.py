@@ -18,8 +18,17 @@ from pipeline.core.config import (
     engine_version,
     load_preset,
 )
-from pipeline.engines.llm import LLMClient, LLMRequest, RequestCache, TokenBucket, lookup, request_key
-from tests.fakeserver import FAULTS, FakeOpenAIServer
+from pipeline.engines.llm import (
+    BudgetExhausted,
+    LLMClient,
+    LLMRequest,
+    RequestCache,
+    TokenBucket,
+    length_retry,
+    lookup,
+    request_key,
+)
+from tests.fakeserver import TRANSIENT_FAULTS, FakeOpenAIServer
 
 
 def preset(url: str, **kw) -> ModelPreset:
@@ -42,13 +51,13 @@ def test_every_fault_is_retried_to_the_clean_answer(tmp_path):
                        length_retries=2)
     with FakeOpenAIServer() as clean:
         expected = asyncio.run(run_all(LLMClient(preset(clean.base_url), [clean.base_url], cfg), reqs(24)))
-    with FakeOpenAIServer(faults=FAULTS, faults_per_request=2, hang_s=2.5) as faulty:
+    with FakeOpenAIServer(faults=TRANSIENT_FAULTS, faults_per_request=2, hang_s=2.5) as faulty:
         client = LLMClient(preset(faulty.base_url), [faulty.base_url], cfg)
         got = asyncio.run(run_all(client, reqs(24)))
         injected = dict(faulty.state.injected)
     assert [r.choices for r in got] == [r.choices for r in expected]
     assert all(r.ok for r in got)
-    assert set(injected) == set(FAULTS), injected  # every fault kind really happened
+    assert set(injected) == set(TRANSIENT_FAULTS), injected  # every fault kind really happened
     assert client.ledger.retries == sum(injected.values()) - injected["slow"]  # a slow answer needs no retry
     assert client.ledger.failed == 0
 
@@ -228,3 +237,80 @@ def test_a_remote_endpoint_key_ignores_its_url_only_for_managed_servers(tmp_path
     a = preset("http://127.0.0.1:1111/v1")
     assert _hits(tmp_path, a, a)
     assert not _hits(tmp_path, a, preset("http://api.example.invalid/v1"))  # another remote endpoint
+
+
+# ---------------------------------------------------------------------------------------
+# Answers cut at max_tokens, and the budget with requests in flight
+# ---------------------------------------------------------------------------------------
+
+
+def _cut_every_other_request(srv: FakeOpenAIServer) -> None:
+    """The 1st, 3rd, ... request the server sees is cut at max_tokens (one request in flight at a time)."""
+    seen = []
+    srv._fault_for = lambda digest, attempt: seen.append(digest) or ("length" if len(seen) % 2 else None)
+
+
+def test_a_cut_sampled_answer_is_asked_again_with_another_seed_and_both_are_paid(tmp_path):
+    cfg = ClientConfig(concurrency=1, length_retries=1)
+    price = Price(prompt_per_mtok=1e6, completion_per_mtok=1e6)  # $1 a token: the ledger counts every one
+    with FakeOpenAIServer() as srv:
+        _cut_every_other_request(srv)
+        client = LLMClient(preset(srv.base_url, price=price), [srv.base_url], cfg, cache=RequestCache(tmp_path / "c"))
+        got = asyncio.run(run_all(client, reqs(3)))
+        assert srv.state.requests == 6  # each request: one cut answer, one full answer
+        bodies = list(srv.state.attempts)  # request bodies by digest: 6 different ones, reseeded retries
+        assert len(bodies) == 6
+    assert all(r.ok and r.choices[0]["finish_reason"] == "stop" for r in got)
+    led = client.ledger
+    assert led.length_retries == 3 and led.requests_sent == 6
+    paid = led.prompt_tokens + led.completion_tokens
+    assert led.cost_usd_this_run == pytest.approx(paid) and paid > sum(sum(r.usage.values()) for r in got)
+    # The full answer is cached under the original request: a re-run asks nothing (the server is gone) and gets it.
+    again = LLMClient(preset(srv.base_url, price=price), [srv.base_url], cfg, cache=RequestCache(tmp_path / "c"))
+    assert [r.choices for r in asyncio.run(run_all(again, reqs(3)))] == [r.choices for r in got]
+
+
+def test_a_cut_greedy_answer_is_not_asked_again():
+    # Greedy decoding returns the same truncation: a retry would be paid for nothing.
+    cfg = ClientConfig(concurrency=1, length_retries=3)
+    greedy = [LLMRequest(r.id, messages=r.messages, params={**r.params, "temperature": 0.0}) for r in reqs(2)]
+    with FakeOpenAIServer(faults=("length",), faults_per_request=99) as srv:
+        srv._fault_for = lambda digest, attempt: "length"
+        client = LLMClient(preset(srv.base_url), [srv.base_url], cfg)
+        got = asyncio.run(run_all(client, greedy))
+        assert srv.state.requests == 2
+    assert [r.choices[0]["finish_reason"] for r in got] == ["length", "length"]
+    assert client.ledger.length_retries == 0 and client.ledger.retries == 0
+
+
+def test_length_retry_changes_the_seed_only_when_sampling():
+    sampled = LLMRequest("a", prompt="p", params={"temperature": 0.8, "seed": 5})
+    first, second = length_retry(sampled, 1), length_retry(sampled, 2)
+    assert first.params["seed"] != 5 and second.params["seed"] not in (5, first.params["seed"])
+    assert length_retry(sampled, 1) == first  # derived, so a cold re-run asks the same questions
+    assert length_retry(LLMRequest("b", prompt="p", params={"temperature": 0, "seed": 5}), 1) is None
+
+
+def test_the_budget_holds_with_many_requests_in_flight():
+    # A request may cost up to (prompt estimate + 2,048 max_tokens) x $1e-4; its real answer costs
+    # far less. 8 in flight at once: the old check (before the gate, ignoring requests in flight)
+    # let all 8 through at a budget that fits 2 worst cases.
+    price = Price(prompt_per_mtok=100, completion_per_mtok=100)
+    budget = 0.5
+    cfg = ClientConfig(concurrency=8, budget_usd=budget)
+    requests = [LLMRequest(r.id, messages=r.messages, params={**r.params, "max_tokens": 2048}) for r in reqs(60)]
+    with FakeOpenAIServer(latency_s=0.02) as srv:
+        client = LLMClient(preset(srv.base_url, price=price), [srv.base_url], cfg)
+
+        async def go():
+            async with client:
+                return await asyncio.gather(*(client.generate(r) for r in requests), return_exceptions=True)
+
+        got = asyncio.run(go())
+    done = [r for r in got if not isinstance(r, BaseException)]
+    stopped = [r for r in got if isinstance(r, BudgetExhausted)]
+    assert len(done) + len(stopped) == 60 and stopped  # the budget ran out: the rest were never sent
+    assert len(done) > 2  # requests waited for the ones in flight to settle instead of stopping early
+    assert client.ledger.requests_sent == len(done)
+    assert client.ledger.cost_usd_this_run <= budget
+    assert budget - client.ledger.cost_usd_this_run < 2048e-4 + 0.01  # it stopped when a worst case no longer fit

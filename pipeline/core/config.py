@@ -238,11 +238,14 @@ class ClientConfig:
     requests_per_minute: float = opt(0.0, help="Token-bucket cap on requests per minute; 0 = no cap.")
     tokens_per_minute: float = opt(0.0, help="Token-bucket cap on prompt+completion tokens per minute; 0 = no cap.")
     max_retries: int = opt(6, help="Retries on 429, 5xx, timeouts, connection errors, malformed responses.")
-    length_retries: int = opt(1, help="Extra tries for a response cut short (finish_reason != stop).")
+    length_retries: int = opt(1, help="Extra tries for a response cut short (finish_reason != stop), each with "
+                              "another seed and paid for in the ledger; none under greedy decoding (temperature 0), "
+                              "which would return the same truncation.")
     backoff_base_s: float = opt(0.5, help="First backoff; doubles each try, with full jitter.")
     backoff_max_s: float = opt(30.0, help="Backoff ceiling (a Retry-After header is honoured up to this).")
     timeout_s: float = opt(600.0, help="Per-request timeout.")
-    budget_usd: float = opt(0.0, help="Stop cleanly once the dataset has cost this much; 0 = no cap.")
+    budget_usd: float = opt(0.0, help="Stop cleanly before the dataset can cost more than this (counting the "
+                            "worst case of the requests in flight: prompt estimate + max_tokens); 0 = no cap.")
 
     def __post_init__(self) -> None:
         check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")

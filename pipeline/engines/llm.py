@@ -9,7 +9,10 @@ a long synthetic-data run needs:
   connections and malformed responses, honouring Retry-After, then a recorded failure;
 - a content-addressed request cache in SQLite (WAL), durable across kill -9: a resumed
   run re-sends nothing that succeeded, and a re-run with the same config sends nothing;
-- a usage ledger (tokens and cost per request) and a budget cap.
+- a usage ledger (tokens and cost of every paid attempt) and a budget cap that counts what the
+  requests in flight may still cost, so a run never spends past it;
+- an answer cut at max_tokens is asked again only where that can change it: with another seed
+  when sampling, never under greedy decoding (`length_retry`).
 
 The cache key is the model's identity (weights, engine and its version, every server setting
 that can change a completion: `ModelPreset.identity`), the api, the exact messages or prompt
@@ -26,6 +29,7 @@ which tenacity's callbacks would split across four hooks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -173,6 +177,7 @@ class Ledger:
     completion_tokens: int = 0
     cost_usd_total: float = 0.0
     cost_usd_this_run: float = 0.0
+    length_retries: int = 0  # answers cut at max_tokens, paid for, then asked again with another seed
     errors: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -210,6 +215,21 @@ def _classify(exc: BaseException) -> tuple[str, float | None]:
     if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError, ValueError, KeyError, TypeError)):
         return "malformed_response", None
     return type(exc).__name__, None
+
+
+def length_retry(req: LLMRequest, attempt: int) -> LLMRequest | None:
+    """The request to send after an answer cut at max_tokens, or None when asking again cannot help.
+
+    A server answers the same request the same way (greedy decoding, or sampling with the same
+    seed), so a retry must change what decides the answer: sampling gets another seed, derived
+    from the original one so a cold re-run asks the same sequence of questions. Greedy decoding
+    (temperature 0) would return the same truncation, so no retry is made.
+    """
+    p = req.params
+    if not p.get("temperature"):
+        return None
+    seed = (int(p.get("seed") or 0) + 1_000_003 * attempt) % (2**31)
+    return dataclasses.replace(req, params={**p, "seed": seed})
 
 
 def lookup(cache: RequestCache | None, preset: ModelPreset, req: LLMRequest) -> LLMResult | None:
@@ -259,6 +279,8 @@ class LLMClient:
             for url in base_urls
         ]
         self._inflight = [0] * len(self._clients)
+        self._in_flight_usd = 0.0  # worst-case cost of the requests in flight, counted against the budget
+        self._budget = asyncio.Condition()
 
     async def __aenter__(self) -> LLMClient:
         return self
@@ -278,13 +300,43 @@ class LLMClient:
             self.ledger.cache_hits += 1
             self._account(result)
         else:
-            if self.cfg.budget_usd and self.ledger.cost_usd_total >= self.cfg.budget_usd:
-                raise BudgetExhausted(f"budget of ${self.cfg.budget_usd} reached")
             async with self._sem:
-                result = await self._send_with_retries(req)
+                worst = await self._reserve_budget(req)
+                try:
+                    result = await self._send_with_retries(req)
+                finally:
+                    await self._release_budget(worst)
         if self.on_result:
             self.on_result(result)
         return result
+
+    @staticmethod
+    def _token_estimate(req: LLMRequest) -> tuple[int, int]:
+        """(prompt, completion) tokens a request may use at most: ~4 characters a prompt token, max_tokens x n."""
+        completion = int(req.params.get("max_tokens") or 0) * int(req.params.get("n") or 1)
+        return len(dumps(req.messages or req.prompt)) // 4, completion
+
+    async def _reserve_budget(self, req: LLMRequest) -> float:
+        """Reserve the request's worst-case cost against budget_usd, counting what the requests in
+        flight may still cost: a request that cannot fit waits for them to settle, and once nothing
+        it could still fit in remains, the run stops (BudgetExhausted). So a run never spends past
+        its budget however many requests run at once."""
+        worst = self.preset.price.cost(*self._token_estimate(req))
+        if not self.cfg.budget_usd:
+            return 0.0
+        async with self._budget:
+            while self.ledger.cost_usd_total + self._in_flight_usd + worst > self.cfg.budget_usd:
+                if self.ledger.cost_usd_total + worst > self.cfg.budget_usd:
+                    raise BudgetExhausted(f"budget of ${self.cfg.budget_usd} reached")
+                await self._budget.wait()
+            self._in_flight_usd += worst
+        return worst
+
+    async def _release_budget(self, worst: float) -> None:
+        if worst:
+            async with self._budget:
+                self._in_flight_usd -= worst
+                self._budget.notify_all()
 
     def _account(self, result: LLMResult, sent: bool = False) -> None:
         led = self.ledger
@@ -296,16 +348,16 @@ class LLMClient:
 
     async def _send_with_retries(self, req: LLMRequest) -> LLMResult:
         key = self.key(req)
-        max_tokens = int(req.params.get("max_tokens", 0))
-        estimate = len(dumps(req.messages or req.prompt)) // 4 + max_tokens * int(req.params.get("n", 1))
+        estimate = sum(self._token_estimate(req))
         attempts = length_tries = 0
+        sent = req
         while True:
             attempts += 1
             await self._rpm.take(1)
             await self._tpm.take(estimate)
             self.ledger.requests_sent += 1
             try:
-                choices, usage = await self._call(req)
+                choices, usage = await self._call(sent)
             except Exception as exc:  # classified below; anything unknown is a final failure
                 self._tpm.give_back(estimate)
                 err, retry_after = _classify(exc)
@@ -319,12 +371,18 @@ class LLMClient:
                 return LLMResult(id=req.id, key=key, attempts=attempts, error=err, error_message=str(exc)[:500])
             spent = usage["prompt_tokens"] + usage["completion_tokens"]
             self._tpm.give_back(estimate - spent)
+            cost = self.preset.price.cost(usage["prompt_tokens"], usage["completion_tokens"])
             cut = any(c["finish_reason"] != "stop" for c in choices)
-            if cut and length_tries < self.cfg.length_retries:
+            retry = length_retry(sent, length_tries + 1) if cut and length_tries < self.cfg.length_retries else None
+            if retry is not None:
+                # The cut answer was paid for: it goes into the ledger, then another sample is asked for.
                 length_tries += 1
                 self.ledger.retries += 1
+                self.ledger.length_retries += 1
+                self._account(LLMResult(id=req.id, key=key, usage=usage, cost_usd=cost), sent=True)
+                sent = retry
                 continue
-            cost = self.preset.price.cost(usage["prompt_tokens"], usage["completion_tokens"])
+            # Cached under the original request's key: a re-run gets this very answer without asking.
             result = LLMResult(id=req.id, key=key, choices=choices, usage=usage, cost_usd=cost, attempts=attempts)
             if self.cache is not None:
                 self.cache.put(key, self.identity, {"choices": choices, "usage": usage, "cost_usd": cost})
