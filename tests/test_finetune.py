@@ -391,3 +391,12 @@ def test_training_format_is_the_evaluation_format(student):
             [{"role": "assistant", "content": "x"}], tokenize=False)  # ends with the template's end of turn
     else:
         assert learned == problem["canonical_solution"] and ex.input_ids[-1] == tok.eos_token_id
+
+
+def test_the_packing_probe_tells_packed_from_leaking_attention():
+    from pipeline.engines.student import check_packed_attention, packed_logits_agree
+
+    assert packed_logits_agree()  # the pinned torch/transformers keep packed examples apart
+    # A full 2D mask is what a broken pair amounts to: the second example attends to the first.
+    assert not packed_logits_agree(attention_mask=torch.ones(1, 12, dtype=torch.long))
+    check_packed_attention()  # so finetune starts

@@ -204,16 +204,11 @@ def encode_chat_answer(tok: Any, messages: list[dict], answer: str) -> list[int]
     return list(tok(full[len(context):], add_special_tokens=False)["input_ids"])
 
 
-@functools.cache
-def check_packed_attention() -> None:
-    """Refuse a torch/transformers pair under which packed sequences attend across examples.
-
-    Packing relies on transformers deriving a block-diagonal causal mask from position ids that
-    restart at 0 (no 2D mask, no KV cache). Older transformers silently attend across the packed
-    examples, so the check runs the real thing: a tiny random llama with sdpa, two examples packed
-    into one row versus the second alone; their logits must agree. About 0.1 s, once per process.
-    """
-    import transformers
+def packed_logits_agree(**packed_inputs: Any) -> bool:
+    """Whether two examples packed into one row (position ids restarting at 0, no 2D mask, no KV
+    cache) give the second example the logits it has alone: a tiny random llama with sdpa, about
+    0.1 s. `packed_inputs` go to the packed forward only (a full attention_mask makes them attend
+    across, which the probe must catch)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -223,12 +218,25 @@ def check_packed_attention() -> None:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
         first, second = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 7))
-    packed_ids = torch.cat([first, second], dim=1)
     positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0)
     with torch.no_grad():
-        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, 5:]
+        packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False,
+                       **packed_inputs).logits[0, 5:]
         alone = model(input_ids=second, use_cache=False).logits[0]
-    if not torch.allclose(packed, alone, atol=1e-4):
+    return torch.allclose(packed, alone, atol=1e-4)
+
+
+@functools.cache
+def check_packed_attention() -> None:
+    """Refuse a torch/transformers pair under which packed sequences attend across examples.
+
+    Packing relies on transformers deriving a block-diagonal causal mask from position ids that
+    restart at 0; older transformers silently attend across the packed examples, so this runs the
+    real thing (:func:`packed_logits_agree`) once per process.
+    """
+    if not packed_logits_agree():
+        import transformers
+
         raise ConfigError(
             f"finetune.packing: under torch {torch.__version__} and transformers {transformers.__version__} "
             "packed sequences attend across examples; install the versions pinned in constraints.txt "
