@@ -254,6 +254,15 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, tiny_dir)
     assert [s for s, _ in rates] == [1, 2, 3, 4, 5, 6]
     c = load_file(tmp_path / "crash" / "out" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(b[key], c[key]) for key in b)
+    # The final evaluation's curve too, and an adapter config that is the same bytes every time.
+    eval_curve = "dvclive/plots/metrics/eval/loss.tsv"
+    got_eval, ref_eval = (read_tsv(tmp_path / d / "out" / eval_curve) for d in ("crash", "ref"))
+    assert [s for s, _ in got_eval] == [s for s, _ in ref_eval] == [6]
+    assert math.isclose(got_eval[0][1], ref_eval[0][1], rel_tol=1e-5)
+    configs = [(tmp_path / run_dir / "out" / "adapter" / "adapter_config.json").read_bytes() for run_dir in ("ref", "crash")]
+    assert configs[0] == configs[1]
+    targets = json.loads(configs[0])["target_modules"]
+    assert targets == sorted(targets)
 
 
 def test_partial_checkpoints_and_those_of_another_config_are_not_resumed(tmp_path):

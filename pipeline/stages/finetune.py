@@ -506,6 +506,13 @@ def save_adapter(model: Any, out_dir: Path) -> Path:
     tmp = out_dir / f".adapter.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    # PEFT writes target_modules from a set, in an order that changes from process to process:
+    # sorted, the same adapter is the same bytes (and DVC sees no change).
+    config_path = tmp / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -575,9 +582,9 @@ def final_eval_loss(trainer: Any) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def train_or_restore(trainer: Any, resume: Path | None, live_dir: Path) -> None:
-    """Train (from `resume` if given); a checkpoint at the run's last step is only loaded (and its
-    curves written to `live_dir`), since the Trainer, resumed there, would run one step past max_steps."""
+def train_or_restore(trainer: Any, resume: Path | None) -> None:
+    """Train (from `resume` if given); a checkpoint at the run's last step is only loaded, since the
+    Trainer, resumed there, would run one step past max_steps."""
     if resume is None or not finished(resume):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         return
@@ -588,7 +595,6 @@ def train_or_restore(trainer: Any, resume: Path | None, live_dir: Path) -> None:
     log.info("%s is this run's last step: nothing left to train", resume)
     set_peft_model_state_dict(trainer.model, load_file(str(resume / "adapter_model.safetensors")))
     trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-    write_live(live_dir, trainer.state.log_history).end()
 
 
 def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: str, dtype: torch.dtype,
@@ -693,9 +699,12 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
 
         trainer.remove_callback(PrinterCallback)
     t_train = time.monotonic()
-    train_or_restore(trainer, resume, out_dir / "dvclive")
+    train_or_restore(trainer, resume)
     train_s = time.monotonic() - t_train
     eval_loss = final_eval_loss(trainer) if data.eval else None
+    # The curves from the whole log history, the final evaluation included: the same folder
+    # whether this run trained, resumed, or only restored a finished checkpoint.
+    write_live(out_dir / "dvclive", trainer.state.log_history).end()
     adapter_dir = save_adapter(trainer.model, out_dir)
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     metrics = {
