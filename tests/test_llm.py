@@ -297,7 +297,7 @@ def test_the_budget_holds_with_many_requests_in_flight():
     # let all 8 through at a budget that fits 2 worst cases.
     price = Price(prompt_per_mtok=100, completion_per_mtok=100)
     budget = 0.5
-    cfg = ClientConfig(concurrency=8, budget_usd=budget)
+    cfg = ClientConfig(concurrency=8, budget_usd=budget, length_retries=0)  # one paid attempt per request
     requests = [LLMRequest(r.id, messages=r.messages, params={**r.params, "max_tokens": 2048}) for r in reqs(60)]
     with FakeOpenAIServer(latency_s=0.02) as srv:
         client = LLMClient(preset(srv.base_url, price=price), [srv.base_url], cfg)

@@ -321,9 +321,11 @@ class LLMClient:
         flight may still cost: a request that cannot fit waits for them to settle, and once nothing
         it could still fit in remains, the run stops (BudgetExhausted). So a run never spends past
         its budget however many requests run at once."""
-        worst = self.preset.price.cost(*self._token_estimate(req))
         if not self.cfg.budget_usd:
             return 0.0
+        # Every paid attempt counts: a sampled answer cut at max_tokens is asked again up to length_retries times.
+        paid_attempts = 1 + (self.cfg.length_retries if req.params.get("temperature") else 0)
+        worst = paid_attempts * self.preset.price.cost(*self._token_estimate(req))
         async with self._budget:
             while self.ledger.cost_usd_total + self._in_flight_usd + worst > self.cfg.budget_usd:
                 if self.ledger.cost_usd_total + worst > self.cfg.budget_usd:
@@ -373,7 +375,7 @@ class LLMClient:
             self._tpm.give_back(estimate - spent)
             cost = self.preset.price.cost(usage["prompt_tokens"], usage["completion_tokens"])
             cut = any(c["finish_reason"] != "stop" for c in choices)
-            retry = length_retry(sent, length_tries + 1) if cut and length_tries < self.cfg.length_retries else None
+            retry = length_retry(req, length_tries + 1) if cut and length_tries < self.cfg.length_retries else None
             if retry is not None:
                 # The cut answer was paid for: it goes into the ledger, then another sample is asked for.
                 length_tries += 1

@@ -182,6 +182,10 @@ def load_tokenizer(source: str) -> Any:
     return tok
 
 
+def _chat_context(tok: Any, messages: list[dict]) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def encode_context(tok: Any, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
     """Token ids of what a student sees before it answers, the same in training and in evaluation:
     a completion prompt as is (with the tokenizer's own special tokens, BOS where it has one), or
@@ -189,19 +193,20 @@ def encode_context(tok: Any, prompt: str | None = None, messages: list[dict] | N
     writes its own special tokens)."""
     if messages is None:
         return list(tok(prompt, add_special_tokens=True)["input_ids"])
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    return list(tok(_chat_context(tok, messages), add_special_tokens=False)["input_ids"])
 
 
-def encode_chat_answer(tok: Any, messages: list[dict], answer: str) -> list[int]:
-    """Token ids of the assistant's turn after :func:`encode_context` of ``messages``: the answer and
-    the template's end-of-turn tokens, tokenized on their own, exactly as a generation would produce them."""
-    context = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def encode_chat_example(tok: Any, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(context ids, answer ids) of a chat exchange: the context as :func:`encode_context` gives it,
+    then the assistant's turn (the answer and the template's end-of-turn tokens) tokenized on its
+    own, exactly as a generation after that context would produce it."""
+    context = _chat_context(tok, messages)
     full = tok.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
     if not full.startswith(context):
         raise ConfigError("the student's chat template does not render a conversation as its prompt plus the "
                           "answer, so an instruct student cannot be trained in its evaluation format")
-    return list(tok(full[len(context):], add_special_tokens=False)["input_ids"])
+    return (list(tok(context, add_special_tokens=False)["input_ids"]),
+            list(tok(full[len(context):], add_special_tokens=False)["input_ids"]))
 
 
 def packed_logits_agree(**packed_inputs: Any) -> bool:

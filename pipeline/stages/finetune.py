@@ -157,14 +157,12 @@ def tokenize_record(rec: dict, tok: Any, completion_only: bool, chat: bool = Fal
     program as the answer, ending with the template's end-of-turn tokens. Textbook sections are
     plain text for both, every token a target. With `completion_only`, context tokens get IGNORE.
     """
-    from pipeline.engines.student import encode_chat_answer, encode_context
+    from pipeline.engines.student import encode_chat_example, encode_context
 
     if rec["kind"] == "exercise" and (completion_only or chat):
         context, target = split_exercise(rec)
         if chat:
-            messages = chat_messages(context)
-            ctx_ids = encode_context(tok, messages=messages)
-            tgt_ids = encode_chat_answer(tok, messages, chat_answer(rec["text"]))
+            ctx_ids, tgt_ids = encode_chat_example(tok, chat_messages(context), chat_answer(rec["text"]))
         else:
             ctx_ids = encode_context(tok, prompt=context)
             tgt_ids = list(tok(target, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
