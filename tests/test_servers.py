@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -62,6 +63,51 @@ def test_llamacpp_serves_chat_and_completions_then_stops(tmp_path):
     time.sleep(0.2)
     assert not any(_alive(p) for p in started)
     assert "pipeline.engines.llamacpp_server" in (tmp_path / "llamacpp-smollm2-135m-instruct-0.log").read_text()
+
+
+def _batched(preset, slots: int):
+    return dataclasses.replace(preset, server=dataclasses.replace(preset.server, program="llama-server",
+                                                                  n_parallel=slots))
+
+
+@pytest.mark.slow
+def test_llama_server_decodes_concurrent_requests_in_slots_then_stops(tmp_path):
+    import asyncio
+
+    preset = _batched(SMOL, 4)
+    with serve(preset, tmp_path) as urls:
+        assert len(urls) == 1  # one process, four slots
+        pids = {int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                and b"llama-server" in (d / "cmdline").read_bytes()}
+        assert pids
+
+        async def ask(client: httpx.AsyncClient, i: int) -> dict:
+            r = await client.post(f"{urls[0]}/chat/completions", json={
+                "model": preset.model, "messages": [{"role": "user", "content": f"Count to {i + 2}."}],
+                "max_tokens": 16, "temperature": 0.8, "seed": i})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        async def all_at_once() -> list[dict]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(ask(client, i) for i in range(4)))
+
+        answers = asyncio.run(all_at_once())
+        assert all(a["choices"][0]["message"]["content"] and a["usage"]["completion_tokens"] > 0 for a in answers)
+        metrics = httpx.get(urls[0].removesuffix("/v1") + "/slots", timeout=10)
+        assert metrics.status_code == 200 and len(metrics.json()) == 4
+    time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+    assert "--parallel 4" in (tmp_path / "llama-server-smollm2-135m-instruct.log").read_text()
+
+
+def test_llama_server_identity_and_a_missing_binary(tmp_path, monkeypatch):
+    batched = _batched(SMOL, 4)
+    assert "llama-server==" in batched.identity() and batched.identity() != SMOL.identity()
+    assert _batched(SMOL, 8).identity() != batched.identity()  # the batch's size changes the numerics
+    monkeypatch.setenv("LLAMA_SERVER", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"no llama-server binary was found at .*nope"), serve(batched, tmp_path):
+        pass
 
 
 def _greedy(url: str, preset, prompts: list[str]) -> list[str]:

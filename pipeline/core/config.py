@@ -80,6 +80,11 @@ class ServerConfig:
     startup_timeout_s: float = opt(600.0, help="How long to wait for the server's health check.")
     gpu_memory_utilization: float = opt(0.90, help="vLLM: fraction of GPU memory to use.")
     extra_args: list[str] = opt([], help="Extra command-line arguments passed to the server.")
+    program: Literal["llama-cpp-python", "llama-server"] = opt(
+        "llama-cpp-python", help="llama.cpp: which server. llama-cpp-python decodes one request at a time (n_parallel "
+        "= that many processes, each request from an empty context: reproducible); llama-server (llama.cpp's C++ "
+        "server, installed by `make install`) decodes n_parallel slots in one batch (continuous batching): faster, "
+        "but a completion then depends on what else is in the batch.")
     reuse_prompt_prefix: bool = opt(
         False, help="llama.cpp: re-evaluate only the part of a prompt after the previous request's common prefix. "
         "Faster prompts, but a greedy completion then depends on the order of requests; off = each request from "
@@ -126,6 +131,8 @@ class ModelPreset:
         out: dict[str, Any] = {"api": self.api, "chat_format": self.chat_format, "extra_args": list(s.extra_args)}
         if self.engine == "llamacpp":
             out.update(n_ctx=s.n_ctx, n_batch=s.n_batch, reuse_prompt_prefix=s.reuse_prompt_prefix)
+            if s.program == "llama-server":  # the batch's composition changes its numerics, as in vLLM
+                out.update(program=s.program, n_parallel=s.n_parallel)
         elif self.engine == "vllm":  # batch composition changes vLLM's numerics
             out.update(n_ctx=s.n_ctx, max_num_seqs=s.n_parallel, gpu_memory_utilization=s.gpu_memory_utilization)
         return out
@@ -137,13 +144,16 @@ class ModelPreset:
             base = f"{self.engine}:{self.model}:{self.gguf.sha256}"
         else:
             base = f"{self.engine}:{self.base_url or self.hf_id}:{self.model}"
-        return f"{base}|{engine_version(self.engine)}|settings:{sha256_text(dumps(self.output_settings()))[:16]}"
+        engine = "llama-server" if self.engine == "llamacpp" and self.server.program == "llama-server" else self.engine
+        return f"{base}|{engine_version(engine)}|settings:{sha256_text(dumps(self.output_settings()))[:16]}"
 
 
 @functools.cache  # looked up per request by the cache; a package does not change under a running process
 def engine_version(engine: str) -> str:
     """The installed version of what serves ``engine`` (part of every cache key); 'remote' for endpoints."""
     dists = {"llamacpp": ("llama-cpp-python",), "vllm": ("vllm",), "transformers": ("transformers", "torch")}
+    if engine == "llama-server":
+        return f"llama-server=={llama_server_version()}"
     if engine not in dists:
         return engine
 
@@ -154,6 +164,36 @@ def engine_version(engine: str) -> str:
             return "not-installed"
 
     return ",".join(f"{d}=={version(d)}" for d in dists[engine])
+
+
+def llama_server_path() -> Path | None:
+    """llama.cpp's C++ server: $LLAMA_SERVER, else the one `make install` puts beside this Python, else PATH."""
+    import shutil
+    import sys
+
+    if os.environ.get("LLAMA_SERVER"):
+        return Path(os.environ["LLAMA_SERVER"])
+    beside = Path(sys.executable).parent / "llama-server"
+    if beside.is_file():
+        return beside
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+@functools.cache
+def llama_server_version() -> str:
+    """`llama-server --version`'s build line, e.g. "1 (0c1e570)"; "not-installed" if there is none."""
+    import subprocess
+
+    path = llama_server_path()
+    if path is None:
+        return "not-installed"
+    try:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return "not-installed"
+    line = next((ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version:")), "")
+    return line.removeprefix("version:").strip() or "unknown"
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,10 +305,21 @@ class GenerateConfig:
     system_prompt: str = opt("system.j2", help="Template for the system message (chat teachers).")
     output_dir: str = opt("data/generate", help="Where the stage writes its records and stats.")
     cache_path: str = opt("data/cache/requests.sqlite", help="Content-addressed request cache (kept across runs).")
+    topics_file: str = opt("topics.yaml", help="The topic tree prompts sample from (in prompts_dir): the seed "
+                           "tree, or one grown by `textbook topics` (a versioned file).")
+    repair_rounds: int = opt(0, help="Execution-feedback repair: an exercise whose asserts fail in the sandbox goes "
+                             "back to the teacher with each failing assert and the values it saw, up to this many "
+                             "times; 0 = off. Needs sampling.n = 1.")
+    repair_template: str = opt("repair.j2", help="Template of the repair request (in prompts_dir).")
+    sandbox: SandboxConfig = opt(dataclasses.MISSING, help="Limits for running the teacher's tests in repair rounds.",
+                                 default_factory=SandboxConfig)
     sampling: SamplingConfig = opt(dataclasses.MISSING, help="Sampling parameters.", default_factory=SamplingConfig)
     client: ClientConfig = opt(dataclasses.MISSING, help="Concurrency, rate limits, retries, budget.", default_factory=ClientConfig)
 
     def __post_init__(self) -> None:
+        check(self.repair_rounds >= 0, "generate.repair_rounds", f"must be >= 0, got {self.repair_rounds}")
+        check(self.repair_rounds == 0 or self.sampling.n == 1, "generate.repair_rounds",
+              f"needs generate.sampling.n = 1 (a repair continues one answer), got n = {self.sampling.n}")
         check(self.n_exercises >= 0, "generate.n_exercises", f"must be >= 0, got {self.n_exercises}")
         check(self.n_textbooks >= 0, "generate.n_textbooks", f"must be >= 0, got {self.n_textbooks}")
         check(self.n_exercises + self.n_textbooks > 0, "generate", "n_exercises + n_textbooks must be > 0")
@@ -292,6 +343,12 @@ class FilterConfig:
     min_asserts: int = opt(1, help="Exercises: fewest assert statements in the tests.")
     allowed_imports: list[str] = opt(DEFAULT_ALLOWED_IMPORTS, help="Top-level modules an exercise may import (standard library subset).")
     check_vacuous_tests: bool = opt(True, help="Drop exercises whose tests also pass with the body replaced by `pass`.")
+    assert_policy: Literal["all", "drop_failing"] = opt(
+        "all", help="all: every assert must pass. drop_failing: a solution that fails a few asserts (AssertionError "
+        "only, never an exception) is kept with those asserts removed, if at most max_dropped_fraction of them fail "
+        "and at least min_kept_asserts remain that a `pass` body fails (the dropped ones are kept as evidence).")
+    min_kept_asserts: int = opt(3, help="drop_failing: fewest remaining asserts, each failed by a `pass` body.")
+    max_dropped_fraction: float = opt(0.34, help="drop_failing: most of an exercise's asserts that may be dropped.")
     textbook_min_words: int = opt(60, help="Textbooks: fewest words.")
     textbook_max_words: int = opt(2500, help="Textbooks: most words.")
     shard_size: int = opt(512, help="Records per resumable shard: a killed run redoes at most one shard.")
@@ -305,6 +362,9 @@ class FilterConfig:
               "must be >= 0 and <= filter.textbook_max_words")
         check(self.shard_size >= 1, "filter.shard_size", f"must be >= 1, got {self.shard_size}")
         check(self.min_asserts >= 0, "filter.min_asserts", f"must be >= 0, got {self.min_asserts}")
+        check(self.min_kept_asserts >= 1, "filter.min_kept_asserts", f"must be >= 1, got {self.min_kept_asserts}")
+        check(0 <= self.max_dropped_fraction < 1, "filter.max_dropped_fraction",
+              f"must be in [0, 1), got {self.max_dropped_fraction}")
 
 
 @dataclass
@@ -429,9 +489,31 @@ class EvaluateConfig:
 
 
 @dataclass
+class TopicsConfig:
+    teacher: str = opt("qwen2.5-coder-0.5b-instruct", help="Model preset that grows the topic tree.")
+    seed_file: str = opt("prompts/topics.yaml", help="The seed tree: `topics: {topic: [subtopic, ...]}`.")
+    output: str = opt("prompts/expanded/topics.yaml", help="The grown tree (same format, plus its version and "
+                      "provenance; resolved_config.yaml beside it); point generate.topics_file at it (expanded/topics.yaml).")
+    children: int = opt(8, help="New subtopics asked of the teacher per seed subtopic.")
+    target_size: int = opt(0, help="Stop once the tree has this many subtopics in all; 0 = expand every seed subtopic.")
+    template: str = opt("expand_topics.j2", help="Template of the expansion request (in generate.prompts_dir).")
+    cache_path: str = opt("data/cache/requests.sqlite", help="Request cache (shared with generate).")
+    sampling: SamplingConfig = opt(dataclasses.MISSING, help="Sampling parameters.",
+                                   default_factory=lambda: SamplingConfig(temperature=0.7, max_tokens=256))
+    client: ClientConfig = opt(dataclasses.MISSING, help="Concurrency, rate limits, retries, budget.",
+                               default_factory=ClientConfig)
+
+    def __post_init__(self) -> None:
+        check(self.children >= 1, "topics.children", f"must be >= 1, got {self.children}")
+        check(self.target_size >= 0, "topics.target_size", f"must be >= 0, got {self.target_size}")
+
+
+@dataclass
 class RunConfig:
     profile: str = opt("cpu-offline", help="Run profile (configs/profiles/<name>.yaml).")
     seed: int = opt(1234, help="The run's seed: every sampling choice and shuffle derives from it.")
+    topics: TopicsConfig = opt(dataclasses.MISSING, help="Growing the topic tree (`textbook topics`, run on demand).",
+                               default_factory=TopicsConfig)
     generate: GenerateConfig = opt(dataclasses.MISSING, help="The generate stage.", default_factory=GenerateConfig)
     filter: FilterConfig = opt(dataclasses.MISSING, help="The filter stage.", default_factory=FilterConfig)
     dedupe: DedupeConfig = opt(dataclasses.MISSING, help="The dedupe stage.", default_factory=DedupeConfig)

@@ -12,6 +12,12 @@ Every record gets keep-or-drop with a reason (datatrove style). Exercises:
 8. a deliberately broken solution (body replaced by `pass`) fails them: tests that assert
    nothing useful are dropped too.
 
+`filter.assert_policy: drop_failing` judges 7 and 8 assert by assert instead: a plausible
+solution with one wrong hand-computed expected value among its asserts (the teacher's most
+common mistake) is kept with that assert removed, under safeguards (only AssertionErrors, at
+most `max_dropped_fraction` of the asserts, at least `min_kept_asserts` left that a `pass` body
+fails); the dropped asserts and the values seen stay in the record (`dropped_asserts`).
+
 Textbooks get the checks that fit: every code block parses, length bounds in words.
 Rejected records go to `rejected.jsonl` with `filter_reason` and `filter_detail`; `stats.json`
 is the funnel. Work is done in resumable shards: a killed run redoes at most one shard.
@@ -27,11 +33,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipeline.core.asserts import tests_keeping
 from pipeline.core.config import FilterConfig, RunConfig, configs_dir, to_dict
 from pipeline.core.records import dumps, read_jsonl, run_sharded, write_json, write_jsonl
 from pipeline.core.schema import RECORD_FIELDS, exercise_program, require_parsed
 from pipeline.core.stage import write_resolved_config
 from pipeline.sandbox import Job, Sandbox
+from pipeline.sandbox.asserts import AssertRun, run_asserts
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +121,42 @@ def _verdict_detail(v) -> str:
     return " | ".join(parts)
 
 
+def assert_policy_verdict(parsed: dict, sol: AssertRun, broken: AssertRun, cfg: FilterConfig
+                          ) -> tuple[str | None, str, dict | None]:
+    """`drop_failing`: (reason or None, detail, what was dropped) for a solution judged assert by assert.
+
+    A failing assert is dropped only if it failed by AssertionError (an exception means the solution
+    cannot handle that input), at most `max_dropped_fraction` of the asserts fail, and at least
+    `min_kept_asserts` of the remaining ones fail with the body replaced by `pass` (so what is left
+    still tells a working solution from an empty one)."""
+    if sol.outcomes is None:
+        return f"tests_failed:{sol.verdict.status}", "; ".join(sol.failures())[:400], None
+    failing = [o for o in sol.outcomes if o.status != "passed"]
+    if not failing:
+        if broken.all_passed:
+            return "vacuous_tests", "the tests pass with the body replaced by `pass`", None
+        return None, "", None
+    detail = "; ".join(sol.failures())[:400]
+    if any(o.status == "error" for o in failing):
+        return "tests_failed:exception", detail, None
+    if len(failing) > cfg.max_dropped_fraction * len(sol.outcomes):
+        return "tests_failed:too_many_failing", f"{len(failing)} of {len(sol.outcomes)} asserts fail: {detail}", None
+    kept = {o.index for o in sol.outcomes if o.status == "passed"}
+    if broken.outcomes is None:
+        return "tests_failed:unverifiable", "the tests do not run to the end with a `pass` body", None
+    discriminating = sum(1 for o in broken.outcomes if o.index in kept and o.status != "passed")
+    if discriminating < cfg.min_kept_asserts:
+        return ("tests_failed:too_few_kept", f"{discriminating} remaining assert(s) fail with a `pass` body "
+                f"(need {cfg.min_kept_asserts}): {detail}", None)
+    units = {u.index: u for u in sol.units}
+    dropped = [{"assert": units[o.index].source, "values": o.detail} for o in failing]
+    return None, "", {"tests": tests_keeping(parsed["tests"], kept), "dropped_asserts": dropped}
+
+
 def filter_shard(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> list[dict]:
     """Decide every record of a shard: each comes back with `filter_reason` (None = kept)."""
+    if cfg.assert_policy == "drop_failing":
+        return _filter_shard_by_assert(records, cfg, sandbox)
     decided: dict[str, tuple[str | None, str]] = {}
     jobs, owners = [], []
     for rec in records:
@@ -141,6 +183,33 @@ def filter_shard(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> li
             decided[rid] = ("vacuous_tests", "the tests pass with the body replaced by `pass`")
     return [{**rec, "filter_reason": decided[rec["id"]][0], "filter_detail": decided[rec["id"]][1]}
             for rec in records]
+
+
+def _filter_shard_by_assert(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> list[dict]:
+    out, items, owners = [], [], []
+    for rec in records:
+        try:
+            if rec["kind"] == "exercise":
+                static_checks(rec["parsed"], cfg)
+                parsed = rec["parsed"]
+                items += [(exercise_program(parsed), parsed["tests"]), (exercise_program(parsed, "    pass"), parsed["tests"])]
+                owners.append(len(out))
+            else:
+                textbook_checks(rec["parsed"], cfg)
+            out.append({**rec, "filter_reason": None, "filter_detail": ""})
+        except Reject as rej:
+            out.append({**rec, "filter_reason": rej.args[0], "filter_detail": rej.args[1]})
+    runs = run_asserts(sandbox, items, [out[i]["id"] for i in owners for _ in (0, 1)])
+    for k, i in enumerate(owners):
+        rec = out[i]
+        reason, detail, change = assert_policy_verdict(rec["parsed"], runs[2 * k], runs[2 * k + 1], cfg)
+        if not cfg.check_vacuous_tests and reason == "vacuous_tests":
+            reason, detail = None, ""
+        if change:  # kept with its failing asserts dropped: the evidence travels with the record
+            rec = {**rec, "parsed": {**rec["parsed"], "tests": change["tests"]},
+                   "dropped_asserts": change["dropped_asserts"]}
+        out[i] = {**rec, "filter_reason": reason, "filter_detail": detail}
+    return out
 
 
 def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict:
@@ -181,6 +250,11 @@ def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
         reasons = Counter(r["filter_reason"] for r in mine if r["filter_reason"])
         funnel[kind] = {"in": len(mine), "kept": sum(1 for r in mine if r["filter_reason"] is None),
                         "dropped": sum(reasons.values()), "dropped_by_reason": dict(sorted(reasons.items()))}
+    funnel["exercise"]["assert_policy"] = fc.assert_policy
+    funnel["exercise"]["kept_with_dropped_asserts"] = sum(
+        1 for r in decided if r["filter_reason"] is None and r.get("dropped_asserts"))
+    funnel["exercise"]["asserts_dropped"] = sum(
+        len(r.get("dropped_asserts", [])) for r in decided if r["filter_reason"] is None)
     stats = {**funnel, "isolation": isolation,
              "timing": {"wall_s": round(elapsed, 2), "records_per_s": round(len(records) / max(elapsed, 1e-9), 1)}}
     write_json(out_dir / "stats.json", stats)

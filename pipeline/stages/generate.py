@@ -15,6 +15,8 @@ stats.json (DVC metrics), coverage.json, resolved_config.yaml.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.core.config import ConfigError, GenerateConfig, ModelPreset, RunConfig, configs_dir, load_preset
 from pipeline.core.records import dumps, sha256_text, write_json, write_jsonl
-from pipeline.core.schema import ParseError, parse_exercise, parse_textbook
+from pipeline.core.schema import ParseError, exercise_program, parse_exercise, parse_textbook
 from pipeline.core.stage import write_resolved_config
 from pipeline.engines.llm import (
     BudgetExhausted,
@@ -40,6 +42,8 @@ from pipeline.engines.llm import (
     resolve_api_key,
 )
 from pipeline.engines.servers import serve
+from pipeline.sandbox import Sandbox
+from pipeline.sandbox.asserts import run_asserts
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +78,14 @@ def _nonempty_list(data: dict, key: str, path: Path) -> list:
     return value
 
 
-def load_prompt_space(prompts_dir: Path) -> PromptSpace:
-    def read(name: str) -> tuple[dict, Path]:
+def load_prompt_space(prompts_dir: Path, topics_file: str = "topics.yaml") -> PromptSpace:
+    def read(name: str, key: str = "generate.prompts_dir") -> tuple[dict, Path]:
         path = prompts_dir / name
         if not path.is_file():
-            raise ConfigError(f"generate.prompts_dir: missing {path}")
+            raise ConfigError(f"{key}: missing {path}")
         return yaml.safe_load(path.read_text(encoding="utf-8")) or {}, path
 
-    topics_data, tpath = read("topics.yaml")
+    topics_data, tpath = read(topics_file, "generate.topics_file")
     topics = topics_data.get("topics")
     if not isinstance(topics, dict) or not topics:
         raise ConfigError(f"{tpath}: 'topics' must be a non-empty mapping of topic -> subtopics")
@@ -176,21 +180,25 @@ def build_requests(specs: list[dict], gen: GenerateConfig, preset: ModelPreset, 
 # ---------------------------------------------------------------------------------------
 
 
-def to_records(spec: dict, req: LLMRequest, result: LLMResult, preset: ModelPreset) -> tuple[list[dict], list[dict]]:
-    """(kept, rejected) records for one request; one record per choice."""
+def to_records(spec: dict, chain: Chain, preset: ModelPreset) -> tuple[list[dict], list[dict]]:
+    """(kept, rejected) records for one prompt's chain; one record per choice of its final answer."""
+    req = chain.request
     base = {
         "kind": spec["kind"], "attributes": spec["attributes"],
         "prompt_hash": sha256_text(dumps(req.messages or req.prompt)),
         "model": preset.model, "model_identity": preset.identity(), "sampling": req.params,
     }
-    if not result.ok:
-        return [], [{**base, "id": spec["id"], "reason": f"request_failed:{result.error}",
-                     "error": result.error_message, "attempts": result.attempts}]
+    if chain.repairs:
+        base["repairs"] = chain.repairs
+    if not chain.final.ok:
+        return [], [{**base, "id": spec["id"], "reason": f"request_failed:{chain.final.error}",
+                     "error": chain.final.error_message, "attempts": chain.final.attempts}]
     kept, rejected = [], []
-    for k, choice in enumerate(result.choices):
-        rid = spec["id"] if len(result.choices) == 1 else f"{spec['id']}.{k}"
+    choices = chain.final.choices
+    for k, choice in enumerate(choices):
+        rid = spec["id"] if len(choices) == 1 else f"{spec['id']}.{k}"
         rec = {**base, "id": rid, "raw": choice["text"], "finish_reason": choice["finish_reason"],
-               "usage": result.usage if k == 0 else {"prompt_tokens": 0, "completion_tokens": 0}}
+               "usage": chain.usage() if k == 0 else {"prompt_tokens": 0, "completion_tokens": 0}}
         if choice["finish_reason"] != "stop":
             rejected.append({**rec, "reason": f"finish_reason={choice['finish_reason']}"})
             continue
@@ -221,28 +229,123 @@ def coverage(specs: list[dict], requests: list[LLMRequest], exercises: list[dict
     }
 
 
-async def _run_requests(client: LLMClient, pending: list[LLMRequest], bar: tqdm) -> tuple[dict[str, LLMResult], bool]:
-    results: dict[str, LLMResult] = {}
+# ---------------------------------------------------------------------------------------
+# Chains: a prompt's first answer, then its repair rounds
+# ---------------------------------------------------------------------------------------
+
+
+class _NotCached(Exception):
+    """Raised by the cache-only pass for a request that must be sent."""
+
+
+@dataclass
+class Chain:
+    """One prompt's requests: the first, then a repair per round. ``request``/``result`` are the
+    first; ``final`` is the answer the records come from (the best one: fewest failing asserts)."""
+
+    request: LLMRequest
+    result: LLMResult
+    final: LLMResult
+    repairs: list[dict]
+    paid: list[LLMResult]
+
+    def usage(self) -> dict:
+        ok = [r.usage for r in self.paid if r.ok]
+        return {"prompt_tokens": sum(u["prompt_tokens"] for u in ok),
+                "completion_tokens": sum(u["completion_tokens"] for u in ok)}
+
+
+@dataclass
+class Repairer:
+    """What a repair round needs: the template, the sandbox and the run's seed."""
+
+    env: jinja2.Environment
+    template: str
+    sandbox: Sandbox
+    rounds: int
+    run_seed: int
+    lock: asyncio.Lock
+
+    async def failures(self, text: str) -> list[str] | None:
+        """The failing asserts of an answer ([] = all pass); None if it does not parse (nothing to repair)."""
+        try:
+            parsed = parse_exercise(text)
+        except ParseError:
+            return None
+        async with self.lock:  # one sandbox batch at a time; each is a few milliseconds
+            run = (await asyncio.to_thread(run_asserts, self.sandbox, [(exercise_program(parsed), parsed["tests"])]))[0]
+        return [] if run.all_passed else run.failures()
+
+    def request(self, prev: LLMRequest, answer: str, failures: list[str], round_: int, spec_id: str) -> LLMRequest:
+        rid = f"{spec_id}.repair{round_}"
+        feedback = render(self.env, self.template, {"failures": failures})
+        messages = [*prev.messages, {"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
+        seed = record_seed(self.run_seed, rid) if prev.params.get("seed") is not None else None
+        return LLMRequest(rid, messages=messages, params={**prev.params, "seed": seed})
+
+
+async def _chain(spec: dict, req: LLMRequest, send, repairer: Repairer | None, bar: tqdm) -> Chain:
+    first = await send(req)
+    chain = Chain(req, first, first, [], [first])
+    if repairer is None or spec["kind"] != "exercise" or req.messages is None:
+        return chain
+    current_req, current = req, first
+    if not current.ok or current.choices[0]["finish_reason"] != "stop":
+        return chain
+    failures = await repairer.failures(current.choices[0]["text"])
+    for round_ in range(1, repairer.rounds + 1):
+        if not failures:  # None (does not parse) or [] (passes): nothing to repair
+            break
+        repair_req = repairer.request(current_req, current.choices[0]["text"], failures, round_, spec["id"])
+        bar.total += 1
+        try:
+            answer = await send(repair_req)
+        except BudgetExhausted:
+            chain.repairs.append({"round": round_, "failures": failures, "outcome": "stopped_by_budget"})
+            break
+        chain.paid.append(answer)
+        entry = {"round": round_, "failures": failures}
+        if not answer.ok or answer.choices[0]["finish_reason"] != "stop":
+            chain.repairs.append({**entry, "outcome": "no_answer" if not answer.ok else "cut"})
+            break
+        after = await repairer.failures(answer.choices[0]["text"])
+        # Keep the repair only if it is better: it parses and fails fewer asserts.
+        if after is None or len(after) >= len(failures):
+            chain.repairs.append({**entry, "outcome": "not_better", "raw": answer.choices[0]["text"]})
+            break
+        chain.repairs.append({**entry, "outcome": "accepted", "raw_before": current.choices[0]["text"]})
+        current_req, current, failures = repair_req, answer, after
+    chain.final = current
+    return chain
+
+
+async def _run_chains(jobs: list[tuple[dict, LLMRequest]], send, repairer: Repairer | None, concurrency: int,
+                      bar: tqdm) -> tuple[dict[str, Chain], set[str], bool]:
+    """Every prompt's chain, ``concurrency`` at a time: (chains by id, ids not cached, budget reached)."""
+    chains: dict[str, Chain] = {}
+    missing: set[str] = set()
     queue: asyncio.Queue = asyncio.Queue()
-    for req in pending:
-        queue.put_nowait(req)
+    for job in jobs:
+        queue.put_nowait(job)
     budget_hit = False
 
     async def worker() -> None:
         nonlocal budget_hit
         while not budget_hit:
             try:
-                req = queue.get_nowait()
+                spec, req = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
             try:
-                results[req.id] = await client.generate(req)
+                chains[req.id] = await _chain(spec, req, send, repairer, bar)
+            except _NotCached:
+                missing.add(req.id)
             except BudgetExhausted:
                 budget_hit = True
             bar.update(1)
 
-    await asyncio.gather(*(worker() for _ in range(client.cfg.concurrency)))
-    return results, budget_hit
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return chains, missing, budget_hit
 
 
 def _progress(bar: tqdm, client: LLMClient, t0: float):
@@ -262,47 +365,55 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     prompts_dir = Path(gen.prompts_dir)
     if not prompts_dir.is_absolute():
         prompts_dir = config_path.resolve().parent / prompts_dir
-    space = load_prompt_space(prompts_dir)
+    space = load_prompt_space(prompts_dir, gen.topics_file)
     specs = sample_specs(space, gen.n_exercises, gen.n_textbooks, cfg.seed)
     requests = build_requests(specs, gen, preset, cfg.seed, prompts_dir)
+    if gen.repair_rounds:
+        render(template_env(prompts_dir), gen.repair_template, {"failures": []})  # a bad template fails before any work
     resolve_api_key(preset)  # a missing key fails here, before any work
     out_dir = Path(gen.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, root, "generate", out_dir)
 
+    by_id = {s["id"]: s for s in specs}
+    jobs = [(by_id[r.id], r) for r in requests]
     cache = RequestCache(gen.cache_path)
     t0 = time.monotonic()
-    results: dict[str, LLMResult] = {}
-    pending = []
-    for req in requests:
-        hit = lookup(cache, preset, req)
-        if hit is None:
-            pending.append(req)
-        else:
-            results[req.id] = hit
-    budget_hit = False
     server_s = 0.0
     ledger: dict = {}
-    try:
-        if pending:  # a fully cached run starts no server and sends nothing
-            with tqdm(total=len(requests), initial=len(results), desc="generate", unit="req",
-                      disable=not progress, mininterval=0.5) as bar:
+    budget_hit = False
+    with contextlib.ExitStack() as stack:
+        stack.callback(cache.close)
+        repairer = None
+        if gen.repair_rounds and gen.n_exercises:
+            sandbox = stack.enter_context(Sandbox(gen.sandbox))
+            repairer = Repairer(template_env(prompts_dir), gen.repair_template, sandbox, gen.repair_rounds, cfg.seed,
+                                asyncio.Lock())
+
+        async def cached_only(req: LLMRequest) -> LLMResult:
+            hit = lookup(cache, preset, req)
+            if hit is None:
+                raise _NotCached(req.id)
+            return hit
+
+        # Pass 1, from the cache alone: a fully cached run starts no server and sends nothing.
+        with tqdm(total=len(jobs), desc="generate (cache)", unit="prompt", disable=True) as quiet:
+            chains, missing, _ = asyncio.run(_run_chains(jobs, cached_only, _fresh_lock(repairer), 1, quiet))
+        if missing:  # pass 2: everything again through the client (cached requests cost nothing)
+            with tqdm(total=len(jobs), desc="generate", unit="prompt", disable=not progress, mininterval=0.5) as bar:
                 ts = time.monotonic()
                 with serve(preset, Path("logs")) as urls:
                     server_s = time.monotonic() - ts
-                    new, budget_hit, ledger = asyncio.run(_send_all(preset, urls, gen, cache, pending, bar, cfg.seed,
-                                                                    sum(r.cost_usd for r in results.values())))
-                results.update(new)
-    finally:
-        cache.close()
+                    cost_so_far = sum(r.cost_usd for c in chains.values() for r in c.paid)
+                    chains, budget_hit, ledger = asyncio.run(
+                        _send_all(preset, urls, gen, cache, jobs, repairer, bar, cfg.seed, cost_so_far))
     elapsed = time.monotonic() - t0
 
     exercises, textbooks, rejected = [], [], []
-    by_id = {s["id"]: s for s in specs}
     for req in requests:
-        if req.id not in results:
+        if req.id not in chains:
             continue  # not attempted (budget): neither kept nor rejected; a re-run picks it up
-        kept, rej = to_records(by_id[req.id], req, results[req.id], preset)
+        kept, rej = to_records(by_id[req.id], chains[req.id], preset)
         (exercises if by_id[req.id]["kind"] == "exercise" else textbooks).extend(kept)
         rejected.extend(rej)
     write_jsonl(out_dir / "exercises.jsonl", exercises)
@@ -311,20 +422,26 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     cov = coverage(specs, requests, exercises, space)
     write_json(out_dir / "coverage.json", cov)
 
-    usage = [r.usage for r in results.values() if r.ok]
+    paid = [r for c in chains.values() for r in c.paid]
+    usage = [r.usage for r in paid if r.ok]
     reasons = Counter(":".join(r["reason"].split(":")[:2]) for r in rejected)
+    outcomes = Counter(e["outcome"] for c in chains.values() for e in c.repairs)
     stats = {
         "teacher": preset.name,
         "requested": len(requests),
-        "completed": len(results),
-        "not_attempted": len(requests) - len(results),
+        "completed": len(chains),
+        "not_attempted": len(requests) - len(chains),
         "stopped_by_budget": budget_hit,
         "kept": {"exercise": len(exercises), "textbook": len(textbooks)},
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(reasons.items())),
+        "repair": {"rounds": gen.repair_rounds, "requests": sum(outcomes.values()),
+                   "by_outcome": dict(sorted(outcomes.items())),
+                   "exercises_repaired": sum(1 for c in chains.values() if any(
+                       e["outcome"] == "accepted" for e in c.repairs))},
         "tokens": {"prompt": sum(u["prompt_tokens"] for u in usage),
                    "completion": sum(u["completion_tokens"] for u in usage)},
-        "cost_usd": round(sum(r.cost_usd for r in results.values()), 6),
+        "cost_usd": round(sum(r.cost_usd for r in paid), 6),
         "ledger_this_run": ledger,
         "coverage": {k: v for k, v in cov.items() if k != "space"},
         "timing": {"wall_s": round(elapsed, 2), "server_start_s": round(server_s, 2)},
@@ -336,15 +453,22 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     return stats
 
 
+def _fresh_lock(repairer: Repairer | None) -> Repairer | None:
+    """The repairer with a lock of the event loop about to run (an asyncio.Lock belongs to one loop)."""
+    return None if repairer is None else dataclasses.replace(repairer, lock=asyncio.Lock())
+
+
 async def _send_all(preset: ModelPreset, urls: list[str], gen: GenerateConfig, cache: RequestCache,
-                    pending: list[LLMRequest], bar: tqdm, seed: int, cost_so_far: float):
+                    jobs: list[tuple[dict, LLMRequest]], repairer: Repairer | None, bar: tqdm, seed: int,
+                    cost_so_far: float):
     t0 = time.monotonic()
     client = LLMClient(preset, urls, gen.client, cache=cache, rng_seed=seed)
     client.ledger.cost_usd_total = cost_so_far
     client.on_result = _progress(bar, client, t0)
     async with client:
-        new, budget_hit = await _run_requests(client, pending, bar)
-    return new, budget_hit, client.ledger.as_dict()
+        chains, _, budget_hit = await _run_chains(jobs, client.generate, _fresh_lock(repairer),
+                                                  gen.client.concurrency, bar)
+    return chains, budget_hit, client.ledger.as_dict()
 
 
 def main(args) -> int:

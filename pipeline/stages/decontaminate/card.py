@@ -102,10 +102,41 @@ def _teacher_section(cfg: RunConfig, config_path: Path) -> list[str]:
         ["per-record seed", f"derived from run seed {cfg.seed}" if s.seed else "off"],
         ["prompt templates", f"`{gen.prompts_dir}/` sha256 `{prompts_hash(prompts_dir)}`"],
         ["templates", f"`{gen.exercise_template}`, `{gen.textbook_template}`, system `{gen.system_prompt}`"],
+        ["topic tree", f"`{gen.prompts_dir}/{gen.topics_file}`"],
+        ["server", f"{preset.server.program}, {preset.server.n_parallel} slot(s)" if preset.engine == "llamacpp"
+         else preset.engine],
     ])
+    batched = preset.engine != "llamacpp" or preset.server.program == "llama-server" and preset.server.n_parallel > 1
+    lines += ["", "Reproducibility: every answer is in the request cache, so re-running this release's config "
+              "reproduces it byte for byte. " + (
+                  "From a cold cache it does not: the teacher decoded several requests in one batch, and a "
+                  "completion depends on what else was in the batch." if batched else
+                  "From a cold cache too: each request was decoded alone, from an empty context.")]
     if preset.description:
         lines += ["", preset.description.strip()]
     return lines
+
+
+def _curation_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
+    """The curation policies by config key, with what each did in this release."""
+    gen, fc = cfg.generate, cfg.filter
+    repair = (stats_by_stage.get("generate") or {}).get("repair") or {}
+    ex = (stats_by_stage.get("filter") or {}).get("exercise") or {}
+    rows = [
+        ["`generate.repair_rounds`", gen.repair_rounds,
+         (f"an exercise whose asserts failed in the sandbox went back to the teacher with each failing assert and "
+          f"the values seen: {_num(repair.get('requests', 0))} repair request(s), "
+          f"{_num(repair.get('exercises_repaired', 0))} exercise(s) improved") if gen.repair_rounds else "off"],
+        ["`filter.assert_policy`", fc.assert_policy,
+         "every assert must pass" if fc.assert_policy == "all" else
+         (f"a solution failing at most {fc.max_dropped_fraction:.0%} of its asserts (AssertionError only) is kept "
+          f"with them removed if >= {fc.min_kept_asserts} remain that a `pass` body fails: "
+          f"{_num(ex.get('kept_with_dropped_asserts', 0))} exercise(s) kept so, "
+          f"{_num(ex.get('asserts_dropped', 0))} assert(s) dropped (kept in `dropped_asserts`)")],
+        ["`filter.check_vacuous_tests`", fc.check_vacuous_tests,
+         "tests that also pass with the body replaced by `pass` are dropped" if fc.check_vacuous_tests else "off"],
+    ]
+    return ["## Curation policies", "", *_table(["key", "value", "what it did"], rows)]
 
 
 def _funnel_section(stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
@@ -231,6 +262,7 @@ def render_card(cfg: RunConfig, config_path: Path, stats_by_stage: Mapping[str, 
     sections = [
         [f"<!-- {GENERATED_NOTE} -->", "", f"# {cfg.decontaminate.card_name}", "", summary],
         _teacher_section(cfg, config_path),
+        _curation_section(cfg, stats_by_stage),
         _funnel_section(stats_by_stage),
         _tokens_section(stats_by_stage),
         _dedupe_section(cfg, stats_by_stage.get("dedupe")),
