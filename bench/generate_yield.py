@@ -3,10 +3,11 @@
 Both arms send the same exercise prompts (same teacher GGUF, same run seed, same templates) from
 cold request caches, then run the filter stage; what counts is what the filter keeps.
 
-- baseline: llama-cpp-python, 2 server processes (one request at a time each), no repair round,
-  every assert must pass (the settings before issue 11);
-- improved: llama.cpp's C++ server with `--slots` slots decoded in one batch (continuous
-  batching), one execution-feedback repair round, and the `drop_failing` assert policy.
+- baseline: the settings before issue 11: llama-cpp-python, 2 server processes (one request at a
+  time each), temperature 0.8, every assert must pass;
+- improved: the repo's recipe as params.yaml and the cpu-offline profile set it (greedy decoding,
+  the `drop_failing` assert policy, repair rounds as configured) on llama.cpp's C++ server with
+  `--slots` slots decoded in one batch (continuous batching).
 
 curated_per_hour = kept exercises / (generate + filter wall time) x 3600. Correctness of what is
 kept (`agreement`): for a fixed sample of each arm's kept exercises (the first `--sample` by
@@ -62,8 +63,8 @@ def make_project(root: Path, slots: int) -> Path:
     for name in ("prompts", "configs"):
         shutil.copytree(REPO / name, root / name)
     base = yaml.safe_load((REPO / "configs/models" / f"{TEACHER}.yaml").read_text())
-    arms = {
-        "teacher-baseline": {"program": "llama-cpp-python", "n_parallel": 2},
+    arms = {  # the baseline's server as it was before; the improved one is the preset's, with `slots` slots
+        "teacher-baseline": {"program": "llama-cpp-python", "n_parallel": 2, "reuse_prompt_prefix": False},
         "teacher-batched": {"program": "llama-server", "n_parallel": slots},
     }
     for name, server in arms.items():
@@ -76,14 +77,15 @@ def make_project(root: Path, slots: int) -> Path:
 def run_arm(root: Path, arm: str, n: int, slots: int) -> dict:
     improved = arm == "improved"
     overrides = [
-        f"generate.teacher={'teacher-batched' if improved else 'teacher-baseline'}",
         f"generate.n_exercises={n}", "generate.n_textbooks=0",
         f"generate.cache_path={arm}/cache.sqlite", f"generate.output_dir={arm}/generate",
-        f"generate.client.concurrency={slots if improved else 2}",
-        f"generate.repair_rounds={1 if improved else 0}",
         f"filter.input_dir={arm}/generate", f"filter.output_dir={arm}/filter",
-        f"filter.assert_policy={'drop_failing' if improved else 'all'}",
     ]
+    if improved:  # the repo's recipe (params.yaml + profile) on the batched server
+        overrides += ["generate.teacher=teacher-batched", f"generate.client.concurrency={slots}"]
+    else:  # the settings before issue 11
+        overrides += ["generate.teacher=teacher-baseline", "generate.client.concurrency=2",
+                      "generate.sampling.temperature=0.8", "generate.repair_rounds=0", "filter.assert_policy=all"]
     cfg = load_config(root / "params.yaml", overrides)
     g = run_generate(cfg, root / "params.yaml", progress=False)
     f = run_filter(cfg, root / "params.yaml", progress=False)

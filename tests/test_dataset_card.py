@@ -162,3 +162,28 @@ def test_read_stage_stats(project):
         read_stage_stats(cfg)
     (root / "data/dedupe/stats.json").write_text(json.dumps(DEDUPE))
     assert read_stage_stats(cfg) == {"generate": GENERATE, "filter": None, "dedupe": DEDUPE}
+
+
+def test_curation_policies_are_named_with_what_they_did(project):
+    root, cfg = project
+    stats = all_stats()
+    card = render_card(cfg, root / "params.yaml", stats)
+    assert "| `generate.repair_rounds` | 0 | off |" in card and "| `filter.assert_policy` | all | every assert" in card
+    assert "From a cold cache too" in card  # smollm2 on llama-cpp-python: each request decoded alone
+    stats["generate"]["repair"] = {"rounds": 1, "requests": 40, "exercises_repaired": 12}
+    stats["filter"]["exercise"].update(kept_with_dropped_asserts=9, asserts_dropped=11)
+    cfg = load_config(root / "params.yaml", ["generate.repair_rounds=1", "filter.assert_policy=drop_failing",
+                                             "generate.teacher=qwen2.5-coder-0.5b-instruct"])
+    card = render_card(cfg, root / "params.yaml", stats)
+    assert "40 repair request(s), 12 exercise(s) improved" in card
+    assert "9 exercise(s) kept so, 11 assert(s) dropped" in card and ">= 3 remain that a `pass` body fails" in card
+
+
+def test_diversity_line_reports_coverage_and_duplicate_rate(project):
+    root, cfg = project
+    stats = all_stats()
+    stats["generate"]["coverage"] = {"distinct_topic_subtopic_pairs": 140, "topic_subtopic_pairs_available": 152}
+    stats["dedupe"]["exercise"]["duplicate_rate_per_1000"] = [0.01, 0.035]
+    card = render_card(cfg, root / "params.yaml", stats)
+    assert ("Diversity: the prompts used 140 of the 152 topic x subtopic pairs of `topics.yaml`; share of "
+            "exercises removed as duplicates per 1,000 in generation order: 1.0%, 3.5%.") in card

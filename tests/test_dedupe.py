@@ -381,3 +381,17 @@ def test_candidate_pairs_from_buckets():
     big = np.zeros((40, 1), np.uint64)  # one huge bucket: a star plus a chain, O(size) pairs
     pairs = candidate_pairs(big, all_pairs_bucket=16)
     assert len(pairs) == 39 + 38 and (pairs[:, 0] < pairs[:, 1]).all()
+
+
+def test_duplicate_rate_per_1000_follows_generation_order(tmp_path):
+    # 1,000 distinct functions, then 500 more of which every other one repeats an earlier function:
+    # the first block has no duplicate, the second (partial) block 250 of 500.
+    distinct = [exercise(f"ex-{i:06d}", f'def f{i}(x):\n    """Scale by {i}."""', f"    return x * {i} + {i * i}")
+                for i in range(1000)]
+    later = [exercise(f"ex-{1000 + i:06d}", f'def f{i}(x):\n    """Scale by {i}."""', f"    return x * {i} + {i * i}")
+             if i % 2 == 0 else
+             exercise(f"ex-{1000 + i:06d}", f'def g{i}(x):\n    """Shift by {i}."""', f"    return x - {i} * {i + 7}")
+             for i in range(500)]
+    write_inputs(tmp_path, distinct + later, [])
+    stats = run(tmp_path, "dedupe.near=false")
+    assert stats["exercise"]["duplicate_rate_per_1000"] == [0.0, 0.5]

@@ -80,7 +80,7 @@ def stage(tmp_path: Path, records: list[dict], *overrides: str) -> dict:
     write_jsonl(inp / "exercises.jsonl", [r for r in records if r["kind"] == "exercise"])
     write_jsonl(inp / "textbooks.jsonl", [r for r in records if r["kind"] == "textbook"])
     cfg = load_config(REPO / "params.yaml", [f"filter.input_dir={inp}", f"filter.output_dir={tmp_path / 'out'}",
-                                             "filter.sandbox.timeout_s=1.5", *overrides])
+                                             "filter.sandbox.timeout_s=1.5", "filter.assert_policy=all", *overrides])
     return run_filter(cfg, REPO / "params.yaml", progress=False)
 
 

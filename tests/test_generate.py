@@ -248,3 +248,16 @@ def test_parse_exercise_variants():
             parse_exercise(text)
     with pytest.raises(ParseError, match="too_little_prose"):
         parse_textbook("# T\n```python\nx = 1\n```")
+
+
+def test_textbooks_have_their_own_token_cap(fake_project):
+    cfg = load_config(fake_project / "params.yaml", ["generate.sampling.max_tokens=300",
+                                                     "generate.textbook_max_tokens=700"])
+    from pipeline.core.config import load_preset
+    from pipeline.stages.generate import build_requests
+
+    specs = sample_specs(load_prompt_space(fake_project / "prompts"), 2, 2, 7)
+    reqs = build_requests(specs, cfg.generate, load_preset("fake", fake_project / "configs"), 7, fake_project / "prompts")
+    assert [r.params["max_tokens"] for r in reqs] == [300, 300, 700, 700]
+    with pytest.raises(ConfigError, match="generate.textbook_max_tokens: must be >= 0"):
+        load_config(fake_project / "params.yaml", ["generate.textbook_max_tokens=-1"])

@@ -174,7 +174,20 @@ def _hits(tmp_path, stored: ModelPreset, asked: ModelPreset, req: LLMRequest = R
 
 @pytest.fixture(scope="module")
 def teacher() -> ModelPreset:
-    return load_preset("qwen2.5-coder-0.5b-instruct", REPO_ROOT / "configs")
+    """The teacher on llama-cpp-python (one request at a time, each from an empty context)."""
+    batched = load_preset("qwen2.5-coder-0.5b-instruct", REPO_ROOT / "configs")
+    return dataclasses.replace(batched, server=dataclasses.replace(
+        batched.server, program="llama-cpp-python", n_parallel=2, reuse_prompt_prefix=False))
+
+
+def test_on_llama_server_the_program_and_slot_count_are_in_the_key(tmp_path, teacher):
+    batched = load_preset("qwen2.5-coder-0.5b-instruct", REPO_ROOT / "configs")  # as shipped: llama-server
+    assert batched.server.program == "llama-server" and "llama-server==" in batched.identity()
+    assert not _hits(tmp_path, teacher, batched)  # another program
+    more_slots = dataclasses.replace(batched, server=dataclasses.replace(batched.server, n_parallel=16))
+    assert not _hits(tmp_path, batched, more_slots)  # the batch's size changes its numerics
+    fewer_threads = dataclasses.replace(batched, server=dataclasses.replace(batched.server, n_threads=1))
+    assert _hits(tmp_path, batched, fewer_threads)
 
 
 @pytest.mark.parametrize("change", [

@@ -129,7 +129,7 @@ def describe_failure(unit: Unit, outcome: AssertOutcome) -> str:
     return f"`{first}` failed"
 
 
-def tests_keeping(tests: str, keep: set[int]) -> str:
+def keep_asserts(tests: str, keep: set[int]) -> str:
     """The tests with only the assert units in ``keep`` (setup statements all stay, in order)."""
     units = split_units(tests) or []
     return "\n".join(u.source for u in units if not u.is_assert or u.index in keep) + "\n"

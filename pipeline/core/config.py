@@ -305,6 +305,8 @@ class GenerateConfig:
     system_prompt: str = opt("system.j2", help="Template for the system message (chat teachers).")
     output_dir: str = opt("data/generate", help="Where the stage writes its records and stats.")
     cache_path: str = opt("data/cache/requests.sqlite", help="Content-addressed request cache (kept across runs).")
+    textbook_max_tokens: int = opt(0, help="Completion token cap of textbook sections (longer than exercises); "
+                                   "0 = sampling.max_tokens.")
     topics_file: str = opt("topics.yaml", help="The topic tree prompts sample from (in prompts_dir): the seed "
                            "tree, or one grown by `textbook topics` (a versioned file).")
     repair_rounds: int = opt(0, help="Execution-feedback repair: an exercise whose asserts fail in the sandbox goes "
@@ -317,6 +319,8 @@ class GenerateConfig:
     client: ClientConfig = opt(dataclasses.MISSING, help="Concurrency, rate limits, retries, budget.", default_factory=ClientConfig)
 
     def __post_init__(self) -> None:
+        check(self.textbook_max_tokens >= 0, "generate.textbook_max_tokens",
+              f"must be >= 0, got {self.textbook_max_tokens}")
         check(self.repair_rounds >= 0, "generate.repair_rounds", f"must be >= 0, got {self.repair_rounds}")
         check(self.repair_rounds == 0 or self.sampling.n == 1, "generate.repair_rounds",
               f"needs generate.sampling.n = 1 (a repair continues one answer), got n = {self.sampling.n}")

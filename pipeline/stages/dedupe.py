@@ -675,6 +675,9 @@ def _decide(kind: str, path: Path, index: _Index, dd: DedupeConfig, workers: _Wo
         "removed_near": int((removed & ~exact).sum()), "clusters": int((sizes > 1).sum()),
         "largest_cluster": int(sizes.max()) if n else 0,
         "without_shingles": int((index.counts == 0).sum()) if dd.near else 0,
+        # Diversity as the run goes on: the share removed in each block of 1,000 records in id
+        # (= generation) order; a rising curve means the prompt space is running out.
+        "duplicate_rate_per_1000": [round(float(removed[i:i + 1000].mean()), 4) for i in range(0, n, 1000)],
     })
     return _Outcome(survivor, exact, jaccards, stats)
 

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.core.asserts import tests_keeping
+from pipeline.core.asserts import keep_asserts
 from pipeline.core.config import FilterConfig, RunConfig, configs_dir, to_dict
 from pipeline.core.records import dumps, read_jsonl, run_sharded, write_json, write_jsonl
 from pipeline.core.schema import RECORD_FIELDS, exercise_program, require_parsed
@@ -150,7 +150,7 @@ def assert_policy_verdict(parsed: dict, sol: AssertRun, broken: AssertRun, cfg: 
                 f"(need {cfg.min_kept_asserts}): {detail}", None)
     units = {u.index: u for u in sol.units}
     dropped = [{"assert": units[o.index].source, "values": o.detail} for o in failing]
-    return None, "", {"tests": tests_keeping(parsed["tests"], kept), "dropped_asserts": dropped}
+    return None, "", {"tests": keep_asserts(parsed["tests"], kept), "dropped_asserts": dropped}
 
 
 def filter_shard(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> list[dict]:

@@ -157,7 +157,8 @@ def build_requests(specs: list[dict], gen: GenerateConfig, preset: ModelPreset, 
     for spec in specs:
         template = gen.exercise_template if spec["kind"] == "exercise" else gen.textbook_template
         user = render(env, template, spec["attributes"])
-        params = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+        cap = gen.textbook_max_tokens if spec["kind"] == "textbook" and gen.textbook_max_tokens else s.max_tokens
+        params = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": cap,
                   "stop": list(s.stop), "n": s.n, "seed": record_seed(run_seed, spec["id"]) if s.seed else None}
         if preset.api == "chat":
             out.append(LLMRequest(spec["id"], messages=[{"role": "system", "content": system},
@@ -219,6 +220,7 @@ def coverage(specs: list[dict], requests: list[LLMRequest], exercises: list[dict
         "duplicate_prompt_rate": round(1 - len(hashes) / max(1, len(requests)), 6),
         "distinct_topics": len({a["topic"] for a in attrs}),
         "distinct_topic_subtopic_pairs": len({(a["topic"], a["subtopic"]) for a in attrs}),
+        "topic_subtopic_pairs_available": len(space.pairs),
         "distinct_topic_pairs": len({(a["topic"], a.get("second_topic")) for a in attrs if "second_topic" in a}),
         "distinct_audiences": len({a["audience"] for a in attrs}),
         "distinct_function_names": len(set(names)),

@@ -136,7 +136,15 @@ def _curation_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | Non
         ["`filter.check_vacuous_tests`", fc.check_vacuous_tests,
          "tests that also pass with the body replaced by `pass` are dropped" if fc.check_vacuous_tests else "off"],
     ]
-    return ["## Curation policies", "", *_table(["key", "value", "what it did"], rows)]
+    lines = ["## Curation policies", "", *_table(["key", "value", "what it did"], rows)]
+    cov = (stats_by_stage.get("generate") or {}).get("coverage") or {}
+    rates = ((stats_by_stage.get("dedupe") or {}).get("exercise") or {}).get("duplicate_rate_per_1000")
+    if cov.get("topic_subtopic_pairs_available"):
+        lines += ["", f"Diversity: the prompts used {_num(cov['distinct_topic_subtopic_pairs'])} of the "
+                  f"{_num(cov['topic_subtopic_pairs_available'])} topic x subtopic pairs of `{gen.topics_file}`"
+                  + (f"; share of exercises removed as duplicates per 1,000 in generation order: "
+                     f"{', '.join(f'{r:.1%}' for r in rates)}" if rates else "") + "."]
+    return lines
 
 
 def _funnel_section(stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
