@@ -189,3 +189,14 @@ def test_report_html_escapes_run_data_markdown_keeps_it(tmp_path, monkeypatch):
     assert f"| base | llamacpp | `{hostile}` |" in md
     assert "<script>" not in html_text
     assert "<td><code>&lt;script&gt;alert('x')&lt;/script&gt;</code></td>" in html_text
+
+
+def test_reproducibility_note_follows_the_teachers_server():
+    from pipeline.core.config import REPO_ROOT, load_config
+    from pipeline.stages.report import reproducibility_note
+
+    params = REPO_ROOT / "params.yaml"
+    batched = reproducibility_note(load_config(params), params)  # the default teacher: llama-server, 8 slots
+    assert "byte for byte" in batched and "from cold caches the teacher's answers are not" in batched
+    alone = reproducibility_note(load_config(params, ["generate.teacher=smollm2-135m-instruct"]), params)
+    assert "from cold caches too" in alone

@@ -569,9 +569,24 @@ def run_section(inputs: Inputs) -> list[Block]:
     return blocks
 
 
-def limitations_section(cfg: RunConfig, inputs: Inputs, ours: OurRun) -> list[Block]:
+def reproducibility_note(cfg: RunConfig, config_path: Path) -> str:
+    """What a re-run reproduces: everything from warm caches; from cold ones it depends on the teacher's server."""
+    try:
+        teacher = load_preset(cfg.generate.teacher, configs_dir(config_path))
+        batched = teacher.engine != "llamacpp" or (teacher.server.program == "llama-server"
+                                                   and teacher.server.n_parallel > 1)
+    except ConfigError:
+        batched = True
+    cold = ("from cold caches the teacher's answers are not: it decoded several requests in one batch, and a "
+            "completion depends on the rest of the batch, so a cold re-run curates another dataset of the same kind"
+            if batched else "from cold caches too, as each teacher request was decoded alone")
+    return ("Reproducibility: a re-run of this config reproduces every output byte for byte (the request caches hold "
+            f"every answer; every later stage is seeded); {cold}.")
+
+
+def limitations_section(cfg: RunConfig, inputs: Inputs, ours: OurRun, reproducibility: str = "") -> list[Block]:
     he = (inputs.metrics or {}).get("humaneval") or {}
-    items = []
+    items = [reproducibility] if reproducibility else []
     n = int(he.get("problems") or 0)
     if he and n < int(he.get("problems_total") or 164):
         items.append(f"Only the {he.get('subset')} HumanEval problems were evaluated: the earliest problems are not "
@@ -629,7 +644,7 @@ def build_report(cfg: RunConfig, config_path: Path, inputs: Inputs) -> tuple[dic
     funnel, funnel_rows = funnel_section(inputs)
     blocks = [*summary_section(cfg, inputs), *passk_section(inputs), *refs, *similarity_section(inputs), *funnel,
               *cost_section(inputs), *training_section(inputs), *run_section(inputs),
-              *limitations_section(cfg, inputs, ours)]
+              *limitations_section(cfg, inputs, ours, reproducibility_note(cfg, config_path))]
     csvs = {"pass_at_1.csv": _csv(pass_rows, ["model", "pass_at_1", "source"]),
             "funnel.csv": _csv([list(r) for r in funnel_rows], ["stage", "records"])}
     return {"title": TITLE, "note": GENERATED_NOTE, "blocks": blocks}, csvs
