@@ -118,7 +118,7 @@ def independent_asserts(text: str) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def agreement(root: Path, arms: dict, sample: int, slots: int, det: int, det_requests: list[LLMRequest]) -> dict:
+def agreement(root: Path, arms: dict, sample: int, slots: int, det_requests: list[LLMRequest]) -> dict:
     preset = load_preset("teacher-batched", root / "configs")
     picked = {}
     for arm in arms:
@@ -181,7 +181,7 @@ def main() -> int:
             specs = sample_specs(space, args.det, 0, gen_cfg.seed)
             det_requests = build_requests(specs, gen_cfg.generate, load_preset("teacher-batched", root / "configs"),
                                           gen_cfg.seed, root / "prompts")
-            agree = agreement(root, arms, args.sample, args.slots, args.det, det_requests)
+            agree = agreement(root, arms, args.sample, args.slots, det_requests)
         finally:
             os.chdir(cwd)
     base, new = arms["baseline"], arms["improved"]

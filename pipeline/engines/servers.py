@@ -184,14 +184,13 @@ def serve(preset: ModelPreset, log_dir: str | Path, lora_path: str | None = None
         return
     log_dir = Path(log_dir)
     procs: list[ManagedProcess] = []
+    cores = preset.server.n_threads or os.cpu_count() or 1
     if preset.engine == "llamacpp" and preset.server.program == "llama-server":
         port = free_port()
-        cores = preset.server.n_threads or os.cpu_count() or 1
         procs.append(ManagedProcess(llama_server_command(preset, port, cores, lora_path), port,
                                     log_dir / f"llama-server-{preset.name}.log", "/health"))
     elif preset.engine == "llamacpp":
         replicas = preset.server.n_parallel
-        cores = preset.server.n_threads or os.cpu_count() or 1
         threads = max(1, cores // replicas)
         for i in range(replicas):
             port = free_port()

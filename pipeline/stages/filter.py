@@ -112,6 +112,15 @@ def textbook_checks(parsed: dict, cfg: FilterConfig) -> None:
             raise Reject("code_syntax_error", f"block {i}, line {exc.lineno}: {exc.msg}") from None
 
 
+def _precheck(rec: dict, cfg: FilterConfig) -> tuple[str | None, str]:
+    """The checks that need no sandbox: (reason, detail); reason None = passed them."""
+    try:
+        (static_checks if rec["kind"] == "exercise" else textbook_checks)(rec["parsed"], cfg)
+    except Reject as rej:
+        return rej.args[0], rej.args[1]
+    return None, ""
+
+
 def _verdict_detail(v) -> str:
     parts = [v.status]
     if v.error_type:
@@ -161,19 +170,13 @@ def filter_shard(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> li
     jobs, owners = [], []
     for rec in records:
         parsed = rec["parsed"]
-        try:
-            if rec["kind"] == "exercise":
-                static_checks(parsed, cfg)
-                jobs.append(Job(exercise_program(parsed), test=parsed["tests"], job_id=rec["id"]))
-                owners.append((rec["id"], "solution"))
-                if cfg.check_vacuous_tests:
-                    jobs.append(Job(exercise_program(parsed, "    pass"), test=parsed["tests"], job_id=rec["id"]))
-                    owners.append((rec["id"], "broken"))
-            else:
-                textbook_checks(parsed, cfg)
-            decided[rec["id"]] = (None, "")
-        except Reject as rej:
-            decided[rec["id"]] = (rej.args[0], rej.args[1])
+        decided[rec["id"]] = _precheck(rec, cfg)
+        if rec["kind"] == "exercise" and decided[rec["id"]][0] is None:
+            jobs.append(Job(exercise_program(parsed), test=parsed["tests"], job_id=rec["id"]))
+            owners.append((rec["id"], "solution"))
+            if cfg.check_vacuous_tests:
+                jobs.append(Job(exercise_program(parsed, "    pass"), test=parsed["tests"], job_id=rec["id"]))
+                owners.append((rec["id"], "broken"))
     for (rid, role), verdict in zip(owners, sandbox.run(jobs), strict=True):
         if decided[rid][0] is not None:
             continue  # the solution already failed: that is the reason
@@ -188,17 +191,12 @@ def filter_shard(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> li
 def _filter_shard_by_assert(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> list[dict]:
     out, items, owners = [], [], []
     for rec in records:
-        try:
-            if rec["kind"] == "exercise":
-                static_checks(rec["parsed"], cfg)
-                parsed = rec["parsed"]
-                items += [(exercise_program(parsed), parsed["tests"]), (exercise_program(parsed, "    pass"), parsed["tests"])]
-                owners.append(len(out))
-            else:
-                textbook_checks(rec["parsed"], cfg)
-            out.append({**rec, "filter_reason": None, "filter_detail": ""})
-        except Reject as rej:
-            out.append({**rec, "filter_reason": rej.args[0], "filter_detail": rej.args[1]})
+        reason, detail = _precheck(rec, cfg)
+        if rec["kind"] == "exercise" and reason is None:
+            parsed = rec["parsed"]
+            items += [(exercise_program(parsed), parsed["tests"]), (exercise_program(parsed, "    pass"), parsed["tests"])]
+            owners.append(len(out))
+        out.append({**rec, "filter_reason": reason, "filter_detail": detail})
     runs = run_asserts(sandbox, items, [out[i]["id"] for i in owners for _ in (0, 1)])
     for k, i in enumerate(owners):
         rec = out[i]

@@ -242,11 +242,10 @@ class _NotCached(Exception):
 
 @dataclass
 class Chain:
-    """One prompt's requests: the first, then a repair per round. ``request``/``result`` are the
-    first; ``final`` is the answer the records come from (the best one: fewest failing asserts)."""
+    """One prompt's requests: ``request`` is the first, then a repair per round; ``paid`` holds every
+    answer; ``final`` is the one the records come from (the best one: fewest failing asserts)."""
 
     request: LLMRequest
-    result: LLMResult
     final: LLMResult
     repairs: list[dict]
     paid: list[LLMResult]
@@ -288,7 +287,7 @@ class Repairer:
 
 async def _chain(spec: dict, req: LLMRequest, send, repairer: Repairer | None, bar: tqdm) -> Chain:
     first = await send(req)
-    chain = Chain(req, first, first, [], [first])
+    chain = Chain(req, first, [], [first])
     if repairer is None or spec["kind"] != "exercise" or req.messages is None:
         return chain
     current_req, current = req, first
@@ -425,7 +424,7 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     write_json(out_dir / "coverage.json", cov)
 
     paid = [r for c in chains.values() for r in c.paid]
-    usage = [r.usage for r in paid if r.ok]
+    usage = [c.usage() for c in chains.values()]
     reasons = Counter(":".join(r["reason"].split(":")[:2]) for r in rejected)
     outcomes = Counter(e["outcome"] for c in chains.values() for e in c.repairs)
     stats = {
