@@ -6,8 +6,8 @@ cold request caches, then run the filter stage; what counts is what the filter k
 - baseline: the settings before issue 11: llama-cpp-python, 2 server processes (one request at a
   time each), temperature 0.8, every assert must pass;
 - improved: the repo's recipe as params.yaml and the cpu-offline profile set it (greedy decoding,
-  the `drop_failing` assert policy, repair rounds as configured) on llama.cpp's C++ server with
-  `--slots` slots decoded in one batch (continuous batching).
+  salvaged loops, the `observed` assert policy, repair rounds as configured) on llama.cpp's C++
+  server with `--slots` slots decoded in one batch (continuous batching).
 
 curated_per_hour = kept exercises / (generate + filter wall time) x 3600. Correctness of what is
 kept (`agreement`): for a fixed sample of each arm's kept exercises (the first `--sample` by
@@ -85,7 +85,8 @@ def run_arm(root: Path, arm: str, n: int, slots: int) -> dict:
         overrides += ["generate.teacher=teacher-batched", f"generate.client.concurrency={slots}"]
     else:  # the settings before issue 11
         overrides += ["generate.teacher=teacher-baseline", "generate.client.concurrency=2",
-                      "generate.sampling.temperature=0.8", "generate.repair_rounds=0", "filter.assert_policy=all"]
+                      "generate.sampling.temperature=0.8", "generate.repair_rounds=0", "filter.assert_policy=all",
+                      "generate.salvage_truncated=false"]
     cfg = load_config(root / "params.yaml", overrides)
     g = run_generate(cfg, root / "params.yaml", progress=False)
     f = run_filter(cfg, root / "params.yaml", progress=False)
@@ -96,6 +97,8 @@ def run_arm(root: Path, arm: str, n: int, slots: int) -> dict:
         "kept": kept, "parsed": g["kept"]["exercise"], "prompts": n,
         "requests": n + g["repair"]["requests"], "repaired": g["repair"]["exercises_repaired"],
         "kept_with_dropped_asserts": f["exercise"]["kept_with_dropped_asserts"],
+        "kept_with_rewritten_asserts": f["exercise"]["kept_with_rewritten_asserts"],
+        "salvaged_from_length": g["salvaged_from_length"],
         "dropped_by_reason": f["exercise"]["dropped_by_reason"],
         "completion_tokens": g["tokens"]["completion"],
         "tokens_per_s": round(g["tokens"]["completion"] / max(decode_s, 1e-9), 2),

@@ -55,3 +55,37 @@ def fake_project(project, fake_server):
     add_preset(project, "fake", engine="remote", model="fake-model", api="chat", base_url=fake_server.base_url,
                price={"prompt_per_mtok": 1.0, "completion_per_mtok": 2.0})
     return project
+
+
+@pytest.fixture(scope="session")
+def smol_folder() -> Path:
+    """SmolLM2-135M's HF folder, dequantized once from the GGUF in its PyPI package."""
+    from pipeline.core.config import load_preset
+    from pipeline.engines.student import model_source
+
+    return Path(model_source(load_preset("smollm2-135m-instruct", REPO / "configs")))
+
+
+@pytest.fixture(scope="session")
+def tok(smol_folder):
+    from pipeline.engines.student import load_tokenizer
+
+    return load_tokenizer(str(smol_folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_folder, tok) -> Path:
+    """A 2-layer, 64-wide Llama with random weights and SmolLM2's tokenizer: real code paths,
+    seconds per run. Sizes are multiples of 32 so its 4-bit layers run on CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -16,6 +16,8 @@ What the client sees for each kind:
     hang          the normal answer, `hang_s` late (past the client's timeout in the tests)
     malformed     200 whose JSON body is cut off mid-object
     length        200 with `finish_reason: "length"` and half the text
+    loop          200 with `finish_reason: "length"`: an exercise whose tests block never closes, its
+                  last assert repeated until the cap (a greedy teacher's loop); a textbook cut in half
 
 A request body that is not a JSON object gets the connection closed, with no response.
 
@@ -38,10 +40,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-FAULTS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "hang", "malformed", "length")
-# Faults a retry of the same request cures. A cut answer ("length") is not one of them: the client
-# asks for another sample (another seed), so the run cannot end with the clean server's answer.
-TRANSIENT_FAULTS = tuple(f for f in FAULTS if f != "length")
+FAULTS = ("rate_limit", "server_error", "unavailable", "drop", "slow", "hang", "malformed", "length", "loop")
+# Faults a retry of the same request cures. A cut answer ("length", "loop") is not one of them: the
+# client asks for another sample (another seed), so the run cannot end with the clean server's answer.
+TRANSIENT_FAULTS = tuple(f for f in FAULTS if f not in ("length", "loop"))
 
 
 @dataclass
@@ -87,8 +89,12 @@ def _completion_body(req: dict, digest: str, finish_reason: str, chat: bool, wro
     else:
         prompt = str(req.get("prompt", ""))
     text = _answer_text(prompt, digest, wrong)
-    if finish_reason == "length":
+    if finish_reason == "loop" and text.endswith("```\n"):
+        last = text[:-4].splitlines()[-1]
+        text = text[:-4] + (last + "\n") * 6 + last[: len(last) // 2]
+    elif finish_reason in ("length", "loop"):
         text = text[: len(text) // 2]
+    finish_reason = "length" if finish_reason == "loop" else finish_reason
     n = int(req.get("n") or 1)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
@@ -204,7 +210,7 @@ class FakeOpenAIServer:
             # Not cancelled when the client gives up (aiohttp's default): the answer is
             # counted, then written to the closed connection and dropped, as before.
             await asyncio.sleep(st.hang_s)
-        finish = "length" if fault == "length" else "stop"
+        finish = fault if fault in ("length", "loop") else "stop"
         if finish == "stop":
             st.successes[digest] += 1
         return _json(json.dumps(_completion_body(req, digest, finish, chat, st.wrong_asserts)).encode())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.core.asserts import assert_harness, keep_asserts, parse_report, split_units
+from pipeline.core.asserts import assert_harness, keep_asserts, observed_assert, parse_report, split_units
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.sandbox.asserts import run_asserts
 
@@ -54,3 +54,20 @@ def test_report_needs_its_own_nonce():
     assert parse_report("__ASSERTS_xyz__[[0, \"passed\", null]]", "abc") is None
     assert parse_report("noise\n__ASSERTS_abc__[[0, \"passed\", null]]\n", "abc")[0].status == "passed"
     assert assert_harness("x = 1\n", nonce="abc") is None  # no assert: the caller runs the tests whole
+
+
+def test_observed_assert_rewrites_only_equalities_with_values_that_read_back(sandbox):
+    tests = ("assert inc(2) == 4\nassert inc(2) > 5\nassert inc(-1.5) == 9\nassert inc(x := 2) == 0, 'wrong'\n"
+             "assert inc(10 ** 200) == 1\nassert inc(float('inf')) == 0\n")
+    run = run_asserts(sandbox, [(PROGRAM, tests)])[0]
+    units = {u.index: u for u in run.units}
+    got = {o.index: observed_assert(units[o.index], o) for o in run.outcomes}
+    assert got[0] == "assert inc(2) == 3"
+    assert got[1] is None  # not an equality: nothing to rewrite
+    assert got[2] == "assert inc(-1.5) == -0.5"
+    assert got[3] == "assert inc((x := 2)) == 3"  # the message, which names the wrong value, goes
+    assert got[4] is None  # the value's repr was cut at REPR_CHARS: it would not read back whole
+    assert got[5] is None  # inf is no literal
+    passed = next(o for o in run_asserts(sandbox, [(PROGRAM, "assert inc(1) == 2\n")])[0].outcomes)
+    assert observed_assert(split_units("assert inc(1) == 2\n")[0], passed) is None
+    assert keep_asserts(tests, {0, 2}, {0: got[0]}) == "assert inc(2) == 3\nassert inc(-1.5) == 9\n"

@@ -176,7 +176,13 @@ def test_curation_policies_are_named_with_what_they_did(project):
                                              "generate.teacher=qwen2.5-coder-0.5b-instruct"])
     card = render_card(cfg, root / "params.yaml", stats)
     assert "40 repair request(s), 12 exercise(s) improved" in card
-    assert "9 exercise(s) kept so, 11 assert(s) dropped" in card and ">= 3 remain that a `pass` body fails" in card
+    assert "9 exercise(s) kept with 11 assert(s) dropped" in card and ">= 3 remain that a `pass` body fails" in card
+    stats["filter"]["exercise"].update(kept_with_rewritten_asserts=7, asserts_rewritten=10)
+    cfg = load_config(root / "params.yaml", ["filter.assert_policy=observed", "filter.min_agreeing_asserts=2"])
+    card = render_card(cfg, root / "params.yaml", stats)
+    assert "| `filter.assert_policy` | observed | a failing `assert f(x) == y` got the value the solution returned" in card
+    assert ">= 2 of the teacher's expected values matched as written" in card
+    assert "7 exercise(s) kept with 10 expected value(s) rewritten" in card and "not an independent check" in card
 
 
 def test_diversity_line_reports_coverage_and_duplicate_rate(project):

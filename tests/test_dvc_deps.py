@@ -169,7 +169,7 @@ def _edit(path: Path):
     ("pipeline/cli.py", "all"),
     ("pipeline/stages/dedupe.py", {"dedupe"}),
     ("pipeline/stages/decontaminate/card.py", {"decontaminate"}),
-    ("pipeline/engines/servers.py", {"generate", "finetune", "evaluate"}),
+    ("pipeline/engines/servers.py", {"generate", "pretrain", "finetune", "evaluate"}),
     ("pipeline/sandbox/worker.py", {"generate", "filter", "evaluate"}),
 ])
 def test_dvc_status_after_an_edit(scratch_project, edited, expected):

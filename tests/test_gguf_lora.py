@@ -16,7 +16,6 @@ from pipeline.engines.models import ensure_gguf
 from pipeline.engines.student import load_tokenizer, model_source
 
 from .conftest import REPO
-from .test_finetune import smol_folder, tiny_dir, tok  # noqa: F401 - shared session fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

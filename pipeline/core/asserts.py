@@ -129,7 +129,28 @@ def describe_failure(unit: Unit, outcome: AssertOutcome) -> str:
     return f"`{first}` failed"
 
 
-def keep_asserts(tests: str, keep: set[int]) -> str:
-    """The tests with only the assert units in ``keep`` (setup statements all stay, in order)."""
+def keep_asserts(tests: str, keep: set[int], replace: dict[int, str] | None = None) -> str:
+    """The tests with only the assert units in ``keep`` (setup statements all stay, in order); a unit
+    in ``replace`` is written as its replacement source."""
     units = split_units(tests) or []
-    return "\n".join(u.source for u in units if not u.is_assert or u.index in keep) + "\n"
+    replace = replace or {}
+    return "\n".join(replace.get(u.index, u.source) for u in units if not u.is_assert or u.index in keep) + "\n"
+
+
+def observed_assert(unit: Unit, outcome: AssertOutcome) -> str | None:
+    """``assert <call> == <the value the solution returned>`` for a failed ``assert <call> == <expected>``,
+    or None when the unit is not such an equality or the value seen is not a Python literal that
+    reads back whole (a truncated, custom or non-finite repr)."""
+    if outcome.status != "failed" or not unit.sides or not isinstance(outcome.detail, list):
+        return None
+    node = ast.parse(unit.source).body[0]
+    if not (isinstance(node, ast.Assert) and isinstance(node.test.ops[0], ast.Eq)):
+        return None
+    seen = outcome.detail[0]
+    if not isinstance(seen, str) or len(seen) >= REPR_CHARS:
+        return None  # may have been cut at REPR_CHARS
+    try:
+        ast.literal_eval(seen)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return f"assert {unit.sides[0]} == {seen}"

@@ -312,6 +312,9 @@ class GenerateConfig:
     repair_rounds: int = opt(0, help="Execution-feedback repair: an exercise whose asserts fail in the sandbox goes "
                              "back to the teacher with each failing assert and the values it saw, up to this many "
                              "times; 0 = off. Needs sampling.n = 1.")
+    salvage_truncated: bool = opt(False, help="An exercise cut at max_tokens inside its tests (a greedy teacher "
+                                  "repeating one assert until the cap) keeps the function and the asserts before "
+                                  "the cut (marked `salvaged`); off = every cut answer is rejected.")
     repair_template: str = opt("repair.j2", help="Template of the repair request (in prompts_dir).")
     sandbox: SandboxConfig = opt(dataclasses.MISSING, help="Limits for running the teacher's tests in repair rounds.",
                                  default_factory=SandboxConfig)
@@ -347,11 +350,18 @@ class FilterConfig:
     min_asserts: int = opt(1, help="Exercises: fewest assert statements in the tests.")
     allowed_imports: list[str] = opt(DEFAULT_ALLOWED_IMPORTS, help="Top-level modules an exercise may import (standard library subset).")
     check_vacuous_tests: bool = opt(True, help="Drop exercises whose tests also pass with the body replaced by `pass`.")
-    assert_policy: Literal["all", "drop_failing"] = opt(
+    assert_policy: Literal["all", "drop_failing", "observed"] = opt(
         "all", help="all: every assert must pass. drop_failing: a solution that fails a few asserts (AssertionError "
         "only, never an exception) is kept with those asserts removed, if at most max_dropped_fraction of them fail "
-        "and at least min_kept_asserts remain that a `pass` body fails (the dropped ones are kept as evidence).")
-    min_kept_asserts: int = opt(3, help="drop_failing: fewest remaining asserts, each failed by a `pass` body.")
+        "and at least min_kept_asserts remain that a `pass` body fails (the dropped ones are kept as evidence). "
+        "observed: a failing `assert f(x) == y` gets the value the solution returned as y, asserts that make the "
+        "solution raise are dropped; kept if at least min_agreeing_asserts of the teacher's expected values matched, "
+        "min_kept_asserts remain that a `pass` body fails, and the rewritten tests pass when run again.")
+    min_kept_asserts: int = opt(3, help="drop_failing, observed: fewest remaining asserts, each failed by a `pass` body.")
+    min_agreeing_asserts: int = opt(2, help="observed: fewest of the teacher's own expected values that the solution "
+                                    "must match as written (the evidence that the code does what the teacher meant); "
+                                    "above 1 they must also expect at least two different values (a constant "
+                                    "function matches asserts that all expect False).")
     max_dropped_fraction: float = opt(0.34, help="drop_failing: most of an exercise's asserts that may be dropped.")
     textbook_min_words: int = opt(60, help="Textbooks: fewest words.")
     textbook_max_words: int = opt(2500, help="Textbooks: most words.")
@@ -367,6 +377,8 @@ class FilterConfig:
         check(self.shard_size >= 1, "filter.shard_size", f"must be >= 1, got {self.shard_size}")
         check(self.min_asserts >= 0, "filter.min_asserts", f"must be >= 0, got {self.min_asserts}")
         check(self.min_kept_asserts >= 1, "filter.min_kept_asserts", f"must be >= 1, got {self.min_kept_asserts}")
+        check(self.min_agreeing_asserts >= 0, "filter.min_agreeing_asserts",
+              f"must be >= 0, got {self.min_agreeing_asserts}")
         check(0 <= self.max_dropped_fraction < 1, "filter.max_dropped_fraction",
               f"must be in [0, 1), got {self.max_dropped_fraction}")
 
@@ -415,9 +427,77 @@ class DecontaminateConfig:
         check(self.ngram_size >= 1 and self.candidate_ngram_size >= 1, "decontaminate.ngram_size", "must be >= 1")
 
 
+RECORD_KINDS = ("exercise", "textbook")
+
+
+@dataclass
+class ScratchModelConfig:
+    family: Literal["llama", "phi", "gpt_neox"] = opt("llama", help="transformers architecture of the model built "
+                                                       "from scratch (LlamaConfig, PhiConfig, GPTNeoXConfig).")
+    hidden_size: int = opt(256, help="Width (phi-1-small: 1024).")
+    layers: int = opt(4, help="Transformer blocks (phi-1-small: 20).")
+    heads: int = opt(4, help="Attention heads; must divide hidden_size.")
+    intermediate_size: int = opt(1024, help="MLP width.")
+    context: int = opt(512, help="Longest sequence (max_position_embeddings).")
+    tie_embeddings: bool = opt(True, help="Share input and output embeddings (the student tokenizer's vocabulary "
+                                          "makes them most of a small model's parameters).")
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "layers", "heads", "intermediate_size", "context"):
+            check(getattr(self, key) >= 1, f"pretrain.scratch.{key}", f"must be >= 1, got {getattr(self, key)}")
+        check(self.hidden_size % self.heads == 0, "pretrain.scratch.heads",
+              f"must divide hidden_size ({self.hidden_size}), got {self.heads}")
+
+
+DEFAULT_SAMPLE_PROMPTS = [
+    'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n',
+    'def running_sum(values: list[int]) -> list[int]:\n    """Return the running totals of values."""\n',
+    "# A list comprehension builds a new list from an old one.\n",
+]
+
+
+@dataclass
+class PretrainConfig:
+    enabled: bool = opt(False, help="Phase 1, phi-1's CodeTextbook pretraining: next-token training on the textbook "
+                                    "sections (all tokens) before the exercise fine-tuning; off = finetune starts "
+                                    "from the student base.")
+    mode: Literal["lora", "full", "scratch"] = opt(
+        "lora", help="lora: continued pretraining of the student through a LoRA adapter that finetune then continues "
+        "(LoRA shape, quantization and batch from finetune.*); full: every weight of the student (no quantization); "
+        "scratch: a new model of pretrain.scratch's shape with the student's tokenizer, trained from random weights.")
+    kinds: list[str] = opt(["textbook"], help="Which records of the dataset it trains on (textbook, exercise).")
+    extra_corpus: list[str] = opt([], help="More text: .jsonl files with a `text` field, or .txt/.py/.md files "
+                                           "(one document each); paths relative to the repo.")
+    output_dir: str = opt("data/pretrain", help="adapter/ + adapter.gguf (lora) or model/ (full, scratch), "
+                                                "checkpoints, dvclive curves, samples.jsonl, metrics.json.")
+    learning_rate: float = opt(2e-4, help="Peak learning rate (scratch: try 1e-3).")
+    epochs: float = opt(1.0, help="Epochs over the corpus (ignored when max_steps > 0).")
+    max_steps: int = opt(-1, help="Optimizer steps; > 0 overrides epochs.")
+    max_length: int = opt(512, help="Tokens per sequence (documents are packed).")
+    sample_prompts: list[str] = opt(DEFAULT_SAMPLE_PROMPTS, help="Fixed prompts completed greedily during training, "
+                                    "so you can watch the model learn (samples.jsonl).")
+    sample_steps: int = opt(0, help="Complete the sample prompts every N steps; 0 = at the end only.")
+    sample_tokens: int = opt(48, help="Tokens per sample completion.")
+    scratch: ScratchModelConfig = opt(dataclasses.MISSING, help="The model built in scratch mode.",
+                                      default_factory=ScratchModelConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.kinds) and set(self.kinds) <= set(RECORD_KINDS), "pretrain.kinds",
+              f"must be a non-empty subset of {list(RECORD_KINDS)}, got {self.kinds}")
+        check(self.learning_rate > 0, "pretrain.learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.epochs > 0 or self.max_steps > 0, "pretrain.epochs", "need epochs > 0 or max_steps > 0")
+        check(self.max_length >= 16, "pretrain.max_length", f"must be >= 16, got {self.max_length}")
+        check(self.sample_steps >= 0, "pretrain.sample_steps", f"must be >= 0, got {self.sample_steps}")
+
+
 @dataclass
 class FinetuneConfig:
     student: str = opt("gemma-3-270m", help="Student base model preset (configs/models/<name>.yaml).")
+    enabled: bool = opt(True, help="Phase 2, phi-1's CodeExercises fine-tuning; off = the model after pretrain is the "
+                                   "final one (the stage passes pretrain's adapter through, so evaluate's "
+                                   "'finetuned' is the last phase that ran).")
+    kinds: list[str] = opt(["exercise", "textbook"], help="Which records of the dataset it trains on (exercise, "
+                                                           "textbook); phi-1's phase 2 is exercises only.")
     dataset_dir: str = opt("data/dataset", help="The curated dataset folder (train.jsonl).")
     output_dir: str = opt("data/finetune", help="Adapter, GGUF adapter, checkpoints, metrics.")
     quantization: Literal["nf4", "none"] = opt("nf4", help="nf4: QLoRA (4-bit NF4 base); none: plain LoRA on a bf16/fp32 base.")
@@ -451,6 +531,8 @@ class FinetuneConfig:
     num_threads: int = opt(0, help="CPU threads for torch; 0 = all cores.")
 
     def __post_init__(self) -> None:
+        check(bool(self.kinds) and set(self.kinds) <= set(RECORD_KINDS), "finetune.kinds",
+              f"must be a non-empty subset of {list(RECORD_KINDS)}, got {self.kinds}")
         check(self.lora_r >= 1, "finetune.lora_r", f"must be >= 1, got {self.lora_r}")
         check(self.learning_rate > 0, "finetune.learning_rate", f"must be > 0, got {self.learning_rate}")
         check(0 <= self.warmup_ratio < 1, "finetune.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
@@ -467,7 +549,8 @@ class EvaluateConfig:
     output_dir: str = opt("eval", help="metrics.json and per-problem results.")
     cache_path: str = opt("data/eval_cache/requests.sqlite", help="Request cache for completions (kept across runs).")
     problems: int = opt(0, help="Evaluate the first N HumanEval problems; 0 = all 164 (a subset is named in every output).")
-    models: list[str] = opt(["base", "finetuned"], help="Which to evaluate: base, finetuned, teacher.")
+    models: list[str] = opt(["base", "pretrained", "finetuned"], help="Which to evaluate: base, pretrained (after "
+                            "phase 1; skipped when pretrain is off), finetuned (after the last phase), teacher.")
     n_samples: int = opt(1, help="Samples per problem (1 with temperature 0 = greedy pass@1).")
     temperature: float = opt(0.0, help="0 = greedy.")
     top_p: float = opt(0.95, help="Nucleus mass when sampling.")
@@ -486,7 +569,7 @@ class EvaluateConfig:
         check(self.problems >= 0, "evaluate.problems", f"must be >= 0, got {self.problems}")
         check(self.n_samples >= 1, "evaluate.n_samples", f"must be >= 1, got {self.n_samples}")
         check(all(1 <= k <= self.n_samples for k in self.ks), "evaluate.ks", f"each k must be in [1, n_samples={self.n_samples}]")
-        allowed = {"base", "finetuned", "teacher"}
+        allowed = {"base", "pretrained", "finetuned", "teacher"}
         check(bool(self.models) and set(self.models) <= allowed, "evaluate.models", f"must be a non-empty subset of {sorted(allowed)}")
         check(0 <= self.temperature <= 2, "evaluate.temperature", f"must be in [0, 2], got {self.temperature}")
         check(self.n_samples == 1 or self.temperature > 0, "evaluate.temperature", "n_samples > 1 needs temperature > 0")
@@ -523,7 +606,10 @@ class RunConfig:
     dedupe: DedupeConfig = opt(dataclasses.MISSING, help="The dedupe stage.", default_factory=DedupeConfig)
     decontaminate: DecontaminateConfig = opt(dataclasses.MISSING, help="The decontaminate stage.",
                                              default_factory=DecontaminateConfig)
-    finetune: FinetuneConfig = opt(dataclasses.MISSING, help="The finetune stage.", default_factory=FinetuneConfig)
+    pretrain: PretrainConfig = opt(dataclasses.MISSING, help="The pretrain stage (phase 1).",
+                                   default_factory=PretrainConfig)
+    finetune: FinetuneConfig = opt(dataclasses.MISSING, help="The finetune stage (phase 2).",
+                                   default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = opt(dataclasses.MISSING, help="The evaluate stage.", default_factory=EvaluateConfig)
 
 

@@ -33,6 +33,20 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(folder: Path) -> str:
+    """sha256 over (relative path, file sha256) of every file under `folder`, sorted."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return sha256_text("\n".join(f"{p.relative_to(folder).as_posix()} {sha256_file(p)}" for p in files))
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path) -> Iterator[TextIO]:
     """Write via a temp file + rename, so a killed stage never leaves a half-written output.

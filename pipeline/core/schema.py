@@ -86,6 +86,34 @@ def parse_exercise(text: str) -> dict:
     }
 
 
+def parse_truncated_exercise(text: str) -> dict:
+    """An answer cut at max_tokens, parsed if the cut fell in its tests (a small greedy teacher
+    often repeats one assert until the cap): the open code block is closed after its last complete
+    top-level statement, and repeated asserts collapse into one. ParseError if the cut fell in the
+    function or its helpers, or nothing complete is left."""
+    if text.count("```") % 2 == 0:
+        raise ParseError("truncated: cut outside a code block")
+    head, _, last = text.rpartition("```")
+    lang, _, body = last.partition("\n")
+    lines = body.splitlines()
+    if not body.endswith("\n"):
+        lines = lines[:-1]  # the line the cut fell in, even if what is left of it parses (`assert f`)
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        if tree.body:
+            break
+    else:
+        raise ParseError("truncated: nothing complete before the cut")
+    tail = tree.body[-1]
+    in_tests = isinstance(tail, (ast.Assert, ast.If)) or (isinstance(tail, ast.FunctionDef) and tail.name.startswith("test"))
+    if not in_tests:
+        raise ParseError("truncated: cut inside the function or its helpers")
+    return parse_exercise(f"{head}```{lang}\n" + "\n".join(lines[:end]) + "\n```\n")
+
+
 def parse_textbook(text: str) -> dict:
     blocks = code_blocks(text)
     if not blocks:

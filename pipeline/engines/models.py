@@ -26,14 +26,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("TEXTBOOK_CACHE", Path.home() / ".cache" / "textbook"))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def part_path(package: str, path: str) -> Path:
     try:
         dist = md.distribution(package)

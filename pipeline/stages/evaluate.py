@@ -62,7 +62,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.humaneval import HUMANEVAL_TOTAL, load_problems, subset_label
 from pipeline.core.passk import mean_pass_at_k, paired_delta, wilson_interval
-from pipeline.core.records import dumps, sha256_text, write_json, write_jsonl
+from pipeline.core.records import dumps, sha256_file, sha256_text, sha256_tree, write_json, write_jsonl
 from pipeline.core.schema import chat_messages, code_blocks
 from pipeline.core.stage import write_resolved_config
 from pipeline.engines.llm import (
@@ -74,7 +74,6 @@ from pipeline.engines.llm import (
     request_key,
     resolve_api_key,
 )
-from pipeline.engines.models import sha256_file
 from pipeline.engines.servers import serve
 from pipeline.sandbox import Job, Sandbox, Verdict
 
@@ -173,27 +172,42 @@ def resolve_engine(requested: str, preset: ModelPreset) -> str:
     return requested
 
 
-def sha256_tree(folder: Path) -> str:
-    """sha256 over (relative path, file sha256) of every file under `folder`, sorted."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return sha256_text("\n".join(f"{p.relative_to(folder).as_posix()} {sha256_file(p)}" for p in files))
-
-
-def _adapter(finetune_dir: Path, engine: str) -> tuple[Path, str, int | None]:
+def _adapter(folder: Path, engine: str, name: str = "finetuned", stage: str = "finetune") -> tuple[Path, str, int | None]:
     """(path, sha256, LoRA rank) of the adapter the engine loads; a missing adapter is a config error."""
     if engine == "llamacpp":
-        path = finetune_dir / ADAPTER_GGUF
+        path = folder / ADAPTER_GGUF
         if not path.is_file():
-            raise ConfigError(f"evaluate.models includes 'finetuned' but the GGUF LoRA adapter {path} does not exist: "
-                              "run `textbook finetune` (with finetune.export_gguf) or drop 'finetuned'")
+            raise ConfigError(f"evaluate.models includes '{name}' but the GGUF LoRA adapter {path} does not exist: "
+                              f"run `textbook {stage}` (with finetune.export_gguf) or drop '{name}'")
         return path, sha256_file(path), None
-    path = finetune_dir / ADAPTER_PEFT
+    path = folder / ADAPTER_PEFT
     config = path / "adapter_config.json"
     if not config.is_file():
-        raise ConfigError(f"evaluate.models includes 'finetuned' but the peft adapter {path}/ (adapter_config.json) "
-                          "does not exist: run `textbook finetune` or drop 'finetuned'")
+        raise ConfigError(f"evaluate.models includes '{name}' but the peft adapter {path}/ (adapter_config.json) "
+                          f"does not exist: run `textbook {stage}` or drop '{name}'")
     rank = json.loads(config.read_text(encoding="utf-8")).get("r")
     return path, sha256_tree(path), int(rank) if rank else None
+
+
+def phase_one_model(cfg: RunConfig, student: ModelPreset) -> ModelPreset | None:
+    """The model phase 1 wrote (pretrain `full` or `scratch`) as a preset the transformers engine
+    loads; its model name carries the folder's sha256, so a retrained model never hits old
+    completions. None when phase 1 is off or trained an adapter."""
+    pt = cfg.pretrain
+    if not pt.enabled or pt.mode == "lora":
+        return None
+    folder = Path(pt.output_dir) / "weights" / "model"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"evaluate: pretrain.mode={pt.mode} but its model {folder}/ does not exist: run "
+                          "`textbook pretrain` first")
+    sha = sha256_tree(folder)
+    return dataclasses.replace(student, name=f"{student.name}+pretrain-{pt.mode}", gguf=None, hf_id=str(folder),
+                               model=f"{student.model}-pretrain-{pt.mode}-{sha[:12]}")
+
+
+def evaluated_models(cfg: RunConfig) -> list[str]:
+    """evaluate.models, less 'pretrained' when phase 1 is off (so one list serves every ablation)."""
+    return [m for m in cfg.evaluate.models if m != "pretrained" or cfg.pretrain.enabled]
 
 
 def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
@@ -201,7 +215,7 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
     ev = cfg.evaluate
     student = load_preset(cfg.finetune.student, root)
     engine = resolve_engine(ev.engine, student)
-    if engine == "remote" and "finetuned" in ev.models:
+    if engine == "remote" and {"pretrained", "finetuned"} & set(ev.models):
         raise ConfigError(f"student preset '{student.name}' is remote: the adapter cannot be loaded there; "
                           "use a llamacpp or vllm student preset")
     if engine == "vllm" and student.engine != "vllm":
@@ -209,14 +223,24 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
 
         # Serve the weights the adapter was trained on: a GGUF preset's dequantized HF folder.
         student = dataclasses.replace(student, engine="vllm", hf_id=model_source(student), gguf=None)
+    # A model phase 1 trained whole has no GGUF: the in-process engine serves it and its adapter.
+    phase_one = phase_one_model(cfg, student)
     targets = []
-    for name in ev.models:
+    for name in evaluated_models(cfg):
         if name == "base":
             targets.append(Target("base", student, engine))
+        elif name == "pretrained" and phase_one is not None:
+            targets.append(Target("pretrained", phase_one, "transformers"))
+        elif name == "pretrained":
+            path, sha, rank = _adapter(Path(cfg.pretrain.output_dir) / "weights", engine, "pretrained", "pretrain")
+            preset = dataclasses.replace(student, name=f"{student.name}+pretrain-lora",
+                                         model=f"{student.model}-pretrain-lora-{sha[:12]}")
+            targets.append(Target("pretrained", preset, engine, path, sha, rank))
         elif name == "finetuned":
-            path, sha, rank = _adapter(Path(cfg.finetune.output_dir), engine)
-            preset = dataclasses.replace(student, name=f"{student.name}+lora", model=f"{student.model}-lora-{sha[:12]}")
-            targets.append(Target("finetuned", preset, engine, path, sha, rank))
+            on = phase_one or student
+            path, sha, rank = _adapter(Path(cfg.finetune.output_dir), "transformers" if phase_one else engine)
+            preset = dataclasses.replace(on, name=f"{on.name}+lora", model=f"{on.model}-lora-{sha[:12]}")
+            targets.append(Target("finetuned", preset, "transformers" if phase_one else engine, path, sha, rank))
         else:
             teacher = load_preset(cfg.generate.teacher, root)
             targets.append(Target("teacher", teacher, teacher.engine))
@@ -591,6 +615,13 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     if "base" in per_problem and "finetuned" in per_problem:
         humaneval["delta"] = delta_metrics(humaneval["base"], humaneval["finetuned"], per_problem["base"],
                                            per_problem["finetuned"])
+    if "pretrained" in per_problem:  # each phase against the model before it, paired on the same problems
+        steps = {"pretrain": ("base", "pretrained"), "finetune": ("pretrained", "finetuned")}
+        humaneval["phases"] = {step: delta_metrics(humaneval[a], humaneval[b], per_problem[a], per_problem[b])
+                               for step, (a, b) in steps.items() if a in per_problem and b in per_problem}
+    for name in ("pretrained",):  # a declared DVC output, empty when the phase is off
+        if name not in per_problem:
+            write_jsonl(out_dir / f"samples_{name}.jsonl", [], sort_key=None)
     errors = sum(r["status"] == "error" for rows in samples.values() for r in rows)
     humaneval["sanity"] = {"canonical_pass_rate": canonical_rate, "failed_requests": 0, "harness_errors": errors,
                            "isolation": isolation, "flags": flags}

@@ -18,6 +18,15 @@ common mistake) is kept with that assert removed, under safeguards (only Asserti
 most `max_dropped_fraction` of the asserts, at least `min_kept_asserts` left that a `pass` body
 fails); the dropped asserts and the values seen stay in the record (`dropped_asserts`).
 
+`filter.assert_policy: observed` trusts the teacher's code over its mental arithmetic: the
+expected value of a failing `assert f(x) == y` is replaced by the value the solution returned
+(CRUXEval-style output recording), asserts whose inputs make the solution raise are dropped, and
+the exercise is kept if at least `min_agreeing_asserts` of the teacher's own expected values
+matched the solution (evidence that the code does what the teacher meant), at least
+`min_kept_asserts` asserts remain that a `pass` body fails, and the rewritten tests pass when run
+again (a solution that answers differently twice is dropped). The originals stay in the record
+(`rewritten_asserts`, `dropped_asserts`).
+
 Textbooks get the checks that fit: every code block parses, length bounds in words.
 Rejected records go to `rejected.jsonl` with `filter_reason` and `filter_detail`; `stats.json`
 is the funnel. Work is done in resumable shards: a killed run redoes at most one shard.
@@ -33,7 +42,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.core.asserts import keep_asserts
+from pipeline.core.asserts import keep_asserts, observed_assert
 from pipeline.core.config import FilterConfig, RunConfig, configs_dir, to_dict
 from pipeline.core.records import dumps, read_jsonl, run_sharded, write_json, write_jsonl
 from pipeline.core.schema import RECORD_FIELDS, exercise_program, require_parsed
@@ -162,9 +171,58 @@ def assert_policy_verdict(parsed: dict, sol: AssertRun, broken: AssertRun, cfg: 
     return None, "", {"tests": keep_asserts(parsed["tests"], kept), "dropped_asserts": dropped}
 
 
+def observed_policy_plan(parsed: dict, sol: AssertRun, cfg: FilterConfig) -> tuple[str | None, str, dict | None]:
+    """`observed`: (reason or None, detail, the tests rewritten to the values the solution returned).
+
+    The plan still has to pass :func:`_verify_observed` (run again: all pass, and enough of them fail
+    with a `pass` body)."""
+    if sol.outcomes is None:
+        return f"tests_failed:{sol.verdict.status}", "; ".join(sol.failures())[:400], None
+    units = {u.index: u for u in sol.units}
+    agreeing = {o.index for o in sol.outcomes if o.status == "passed"}
+    if len(agreeing) == len(sol.outcomes):
+        return None, "", None  # every expected value matched: nothing to rewrite
+    if len(agreeing) < cfg.min_agreeing_asserts:
+        return ("tests_failed:no_agreement", f"{len(agreeing)} of {len(sol.outcomes)} of the teacher's expected values "
+                f"match the solution (need {cfg.min_agreeing_asserts}): " + "; ".join(sol.failures())[:400], None)
+    # Agreement on one value only (every matching assert expects False, say) is what a constant
+    # function also shows: it is no evidence that the code does what the teacher meant.
+    expected = {units[i].sides[1] if units[i].sides else "<truthy>" for i in agreeing}
+    if cfg.min_agreeing_asserts > 1 and len(expected) < 2:
+        return ("tests_failed:no_agreement", f"the {len(agreeing)} matching assert(s) all expect {next(iter(expected))}, "
+                "which a constant function matches too: " + "; ".join(sol.failures())[:400], None)
+    replace, rewritten, dropped = {}, [], []
+    for o in sol.outcomes:
+        if o.status == "passed":
+            continue
+        new = observed_assert(units[o.index], o)
+        if new is None:
+            dropped.append({"assert": units[o.index].source, "values": o.detail})
+        else:
+            replace[o.index] = new
+            rewritten.append({"assert": units[o.index].source, "observed": new, "values": o.detail})
+    keep = agreeing | set(replace)
+    if len(keep) < cfg.min_kept_asserts:
+        return ("tests_failed:too_few_kept", f"{len(keep)} assert(s) left after dropping {len(dropped)} "
+                f"(need {cfg.min_kept_asserts}): " + "; ".join(sol.failures())[:400], None)
+    return None, "", {"tests": keep_asserts(parsed["tests"], keep, replace),
+                      "dropped_asserts": dropped, "rewritten_asserts": rewritten}
+
+
+def _verify_observed(sol: AssertRun, broken: AssertRun, cfg: FilterConfig) -> tuple[str | None, str]:
+    """The rewritten tests, run again: the solution must pass all of them, a `pass` body fail enough."""
+    if not sol.all_passed:
+        return "tests_failed:not_reproducible", "the rewritten tests fail when run again: " + "; ".join(sol.failures())[:400]
+    failing = sum(1 for o in broken.outcomes or [] if o.status != "passed")
+    if broken.outcomes is not None and failing < cfg.min_kept_asserts:
+        return ("tests_failed:too_few_kept", f"{failing} rewritten assert(s) fail with a `pass` body "
+                f"(need {cfg.min_kept_asserts})")
+    return None, ""
+
+
 def filter_shard(records: list[dict], cfg: FilterConfig, sandbox: Sandbox) -> list[dict]:
     """Decide every record of a shard: each comes back with `filter_reason` (None = kept)."""
-    if cfg.assert_policy == "drop_failing":
+    if cfg.assert_policy != "all":
         return _filter_shard_by_assert(records, cfg, sandbox)
     decided: dict[str, tuple[str | None, str]] = {}
     jobs, owners = [], []
@@ -198,15 +256,33 @@ def _filter_shard_by_assert(records: list[dict], cfg: FilterConfig, sandbox: San
             owners.append(len(out))
         out.append({**rec, "filter_reason": reason, "filter_detail": detail})
     runs = run_asserts(sandbox, items, [out[i]["id"] for i in owners for _ in (0, 1)])
+    changes = {}
     for k, i in enumerate(owners):
         rec = out[i]
-        reason, detail, change = assert_policy_verdict(rec["parsed"], runs[2 * k], runs[2 * k + 1], cfg)
+        if cfg.assert_policy == "observed":
+            reason, detail, change = observed_policy_plan(rec["parsed"], runs[2 * k], cfg)
+            if change is None and reason is None and runs[2 * k + 1].all_passed:
+                reason, detail = "vacuous_tests", "the tests pass with the body replaced by `pass`"
+        else:
+            reason, detail, change = assert_policy_verdict(rec["parsed"], runs[2 * k], runs[2 * k + 1], cfg)
         if not cfg.check_vacuous_tests and reason == "vacuous_tests":
             reason, detail = None, ""
-        if change:  # kept with its failing asserts dropped: the evidence travels with the record
-            rec = {**rec, "parsed": {**rec["parsed"], "tests": change["tests"]},
-                   "dropped_asserts": change["dropped_asserts"]}
+        if change:  # kept with asserts dropped or rewritten: the evidence travels with the record
+            changes[i] = change
         out[i] = {**rec, "filter_reason": reason, "filter_detail": detail}
+    if cfg.assert_policy == "observed":  # the rewritten tests run once more before they are trusted
+        rewritten = list(changes)
+        checks = [(exercise_program(out[i]["parsed"], body), changes[i]["tests"])
+                  for i in rewritten for body in (None, "    pass")]
+        again = run_asserts(sandbox, checks, [out[i]["id"] for i in rewritten for _ in (0, 1)])
+        for k, i in enumerate(rewritten):
+            reason, detail = _verify_observed(again[2 * k], again[2 * k + 1], cfg)
+            if reason is not None:
+                changes.pop(i)
+                out[i] = {**out[i], "filter_reason": reason, "filter_detail": detail}
+    for i, change in changes.items():
+        extra = {k: change[k] for k in ("dropped_asserts", "rewritten_asserts") if change.get(k)}
+        out[i] = {**out[i], "parsed": {**out[i]["parsed"], "tests": change["tests"]}, **extra}
     return out
 
 
@@ -253,6 +329,10 @@ def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
         1 for r in decided if r["filter_reason"] is None and r.get("dropped_asserts"))
     funnel["exercise"]["asserts_dropped"] = sum(
         len(r.get("dropped_asserts", [])) for r in decided if r["filter_reason"] is None)
+    funnel["exercise"]["kept_with_rewritten_asserts"] = sum(
+        1 for r in decided if r["filter_reason"] is None and r.get("rewritten_asserts"))
+    funnel["exercise"]["asserts_rewritten"] = sum(
+        len(r.get("rewritten_asserts", [])) for r in decided if r["filter_reason"] is None)
     stats = {**funnel, "isolation": isolation,
              "timing": {"wall_s": round(elapsed, 2), "records_per_s": round(len(records) / max(elapsed, 1e-9), 1)}}
     write_json(out_dir / "stats.json", stats)

@@ -1,36 +1,18 @@
-"""Finetune stage: QLoRA (or plain LoRA) of the student on the curated dataset, phi-1 style.
+"""Finetune stage, phi-1's phase 2: QLoRA (or plain LoRA) of the student on the curated exercises.
 
-Input: `{finetune.dataset_dir}/train.jsonl` (one record per exercise or textbook section).
-Exercises train on the solution only (the signature and docstring tokens get label -100), in
-the format the student is evaluated in: a base student sees the prompt exactly as evaluate sends
-it (tokenized on its own, so the boundary token agrees); an instruct student (preset `api: chat`)
-sees its chat template around the same request evaluate sends, and learns the answer and the
-end-of-turn. Textbook sections train on every token, as plain text. Each example ends with EOS
-(a chat answer with the template's end of turn).
+Input: `{finetune.dataset_dir}/train.jsonl`, the records of the kinds in `finetune.kinds` (phi-1
+fine-tunes on exercises only: `[exercise]`; the dataclass default keeps textbooks too). Where it
+starts (`pretrain.enabled`, `pretrain.mode`):
 
-Data decisions, all made and counted before any training step (metrics.json `examples`):
-examples longer than `max_length` are truncated (or dropped with `drop_long`); an exercise
-left with no solution tokens is dropped; an empty dataset, a record whose text does not
-start with its prompt, or LoRA targets that match no layer are errors. The held-out split
-is a seeded shuffle of records (never of packed sequences, so no example is in both).
+- pretrain off: a new LoRA on the student base;
+- pretrain `lora`: phase 1's adapter (`{pretrain.output_dir}/weights/adapter`), trained further, so
+  one adapter carries both phases and llama.cpp serves it as before;
+- pretrain `full` or `scratch`: a new LoRA on phase 1's model (`{pretrain.output_dir}/weights/model`).
 
-Packing: short examples are packed first-come into sequences of up to `max_length` tokens.
-Each example's position ids restart at 0 and neither an attention mask nor a KV cache is
-passed, which makes transformers build a block-diagonal causal mask
-(masking_utils.find_packed_sequence_indices): attention does NOT cross example boundaries
-(tested with sdpa; eager and flash-attention read the same position ids). No example's
-first token is a target (nothing may learn "what follows EOS"), so a packed row's loss is
-exactly its examples' own. Padding at the end of a row forms its own block with label -100.
-Without packing, rows are right-padded with an attention mask.
-
-Training is transformers' Trainer: NF4 + double quantization base (bitsandbytes), LoRA
-adapters in fp32, bf16 autocast where the device supports bf16 (else fp32), gradient
-checkpointing, paged AdamW on CUDA (plain AdamW on CPU), checkpoints every `save_steps`
-(adapter, optimizer, scheduler, RNG states) in `{output_dir}/checkpoints`. A rerun with the
-same config and data resumes from the last checkpoint and ends with the same adapter as an
-uninterrupted run; a changed config or dataset starts over (the checkpoints carry a
-fingerprint). A NaN loss, or one above `loss_spike_factor` x the running minimum, stops the
-run with TrainingDiverged.
+`finetune.enabled: false` passes phase 1's adapter through (pretrain `lora` only), so the
+ablation "textbooks only" is `dvc exp run -S finetune.enabled=false -S pretrain.enabled=true`.
+How the student is trained (the format, packing, checkpoints that resume, the divergence guard):
+:mod:`pipeline.engines.training`.
 
 Outputs (in `finetune.output_dir`): adapter/ (PEFT safetensors), adapter.gguf (llama.cpp
 LoRA), merged/ (optional bf16 merged model), metrics.json, dvclive/ (per-step plots: loss,
@@ -41,697 +23,80 @@ eval loss, learning rate, grad norm, tokens/s), resolved_config.yaml, checkpoint
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
-import os
-import random
-import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from pipeline.core.config import ConfigError, FinetuneConfig, ModelPreset, RunConfig, configs_dir, load_preset
-from pipeline.core.records import RecordError, dumps, read_jsonl, sha256_text, write_json
-from pipeline.core.schema import chat_answer, chat_messages
+from pipeline.core.config import ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
+from pipeline.core.records import dumps, write_json
 from pipeline.core.stage import write_resolved_config
-
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # dvclive must not phone home from a training run
+from pipeline.engines.training import TrainingDiverged, load_records, train_adapter
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
-KINDS = ("exercise", "textbook")
-# Config keys that do not change the trained adapter: changing them keeps the checkpoints.
-NOT_TRAINING_KEYS = ("output_dir", "merge", "export_gguf", "num_threads", "logging_steps", "eval_steps")
-# Checkpoints kept: the previous one survives a kill during the newest one's save.
-SAVE_TOTAL_LIMIT = 2
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf or spiked; the message says at which step and what to try."""
-
-
-# ---------------------------------------------------------------------------------------
-# Data: records -> token ids + labels -> (packed) sequences
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-
-@dataclass
-class PrepStats:
-    records: int = 0
-    exercises: int = 0
-    textbooks: int = 0
-    truncated: int = 0
-    dropped_long: int = 0
-    dropped_no_target: int = 0
-    tokens: int = 0
-    target_tokens: int = 0
-
-    def add(self, other: PrepStats) -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
-
-def load_records(dataset_dir: Path) -> list[dict]:
-    path = dataset_dir / "train.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"finetune.dataset_dir: {path} not found (run the stages before finetune)")
-    try:
-        records = read_jsonl(path, required=("id", "kind", "text"))
-    except RecordError as exc:
-        raise ConfigError(f"finetune: bad dataset: {exc}") from None
-    if not records:
-        raise ConfigError(f"finetune: {path} holds no records; nothing to fine-tune on")
-    for rec in records:
-        if rec["kind"] not in KINDS:
-            raise ConfigError(f"finetune: {path}: record {rec['id']} has kind {rec['kind']!r}; "
-                              f"allowed: {KINDS}")
-        if not rec["text"].strip():
-            raise ConfigError(f"finetune: {path}: record {rec['id']} has an empty text")
-    return records
-
-
-def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded shuffle, then the first `eval_fraction` of the records are held out."""
-    order = sorted(records, key=lambda r: r["id"])  # input order must not matter
-    random.Random(seed).shuffle(order)
-    n_eval = round(len(order) * eval_fraction)
-    if eval_fraction > 0 and len(order) >= 2:
-        n_eval = max(1, n_eval)
-    n_eval = min(n_eval, len(order) - 1)  # keep at least one training record
-    return order[n_eval:], order[:n_eval]
-
-
-def split_exercise(rec: dict) -> tuple[str, str]:
-    """(context, target) of an exercise: its prompt up to and including the newline that ends the
-    docstring, as the evaluator sends a HumanEval prompt, and the solution that follows."""
-    text, prompt = rec["text"], rec.get("prompt") or ""
-    if not prompt or not text.startswith(prompt):
-        raise ConfigError(
-            f"finetune: exercise {rec['id']}: its text does not start with its prompt, so the solution "
-            "cannot be located for the completion-only loss (fix the dataset or set "
-            "finetune.completion_only_loss=false)"
-        )
-    boundary = len(prompt) + (1 if text[len(prompt):].startswith("\n") else 0)
-    return text[:boundary], text[boundary:]
-
-
-def tokenize_record(rec: dict, tok: Any, completion_only: bool, chat: bool = False) -> Example:
-    """Token ids and labels of one record, in the format the student is evaluated in.
-
-    Context and target are tokenized on their own and concatenated, so the context's tokens are
-    exactly those of the evaluator's request (no token merges across the boundary). A completion
-    student's exercise is `prompt | solution + EOS`; a chat student's is its chat template around
-    the same request the evaluator sends (:func:`pipeline.core.schema.chat_messages`) and the whole
-    program as the answer, ending with the template's end-of-turn tokens. Textbook sections are
-    plain text for both, every token a target. With `completion_only`, context tokens get IGNORE.
-    """
-    from pipeline.engines.student import encode_chat_example, encode_context
-
-    if rec["kind"] == "exercise" and (completion_only or chat):
-        context, target = split_exercise(rec)
-        if chat:
-            ctx_ids, tgt_ids = encode_chat_example(tok, chat_messages(context), chat_answer(rec["text"]))
-        else:
-            ctx_ids = encode_context(tok, prompt=context)
-            tgt_ids = list(tok(target, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
-    else:
-        ctx_ids, tgt_ids = [], encode_context(tok, prompt=rec["text"]) + [tok.eos_token_id]
-    ids = ctx_ids + tgt_ids
-    # Nothing predicts an example's first token: packed after another example, it must not be
-    # learned as "what follows EOS", so packed and unpacked training see the same targets.
-    labels = [IGNORE] + ids[1:]
-    if completion_only and rec["kind"] == "exercise":
-        labels[: len(ctx_ids)] = [IGNORE] * len(ctx_ids)
-    return Example(ids, labels)
-
-
-def prepare_examples(records: list[dict], tok: Any, ft: FinetuneConfig,
-                     chat: bool = False) -> tuple[list[Example], PrepStats]:
-    """Tokenize, then truncate or drop what is too long; everything counted."""
-    stats = PrepStats(records=len(records))
-    out = []
-    for rec in records:
-        stats.exercises += rec["kind"] == "exercise"
-        stats.textbooks += rec["kind"] == "textbook"
-        ex = tokenize_record(rec, tok, ft.completion_only_loss, chat)
-        if len(ex.input_ids) > ft.max_length:
-            if ft.drop_long:
-                stats.dropped_long += 1
-                continue
-            stats.truncated += 1
-            ex = Example(ex.input_ids[: ft.max_length], ex.labels[: ft.max_length])
-        targets = sum(label != IGNORE for label in ex.labels)
-        if targets == 0:
-            stats.dropped_no_target += 1
-            continue
-        stats.tokens += len(ex.input_ids)
-        stats.target_tokens += targets
-        out.append(ex)
-    return out, stats
-
-
-def pack_examples(examples: list[Example], max_length: int) -> list[dict]:
-    """Next-fit packing into rows of at most max_length tokens; position ids restart per example."""
-    rows: list[dict] = []
-    cur: dict = {"input_ids": [], "labels": [], "position_ids": []}
-    for ex in examples:
-        if cur["input_ids"] and len(cur["input_ids"]) + len(ex.input_ids) > max_length:
-            rows.append(cur)
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-        cur["input_ids"] += ex.input_ids
-        cur["labels"] += ex.labels
-        cur["position_ids"] += list(range(len(ex.input_ids)))
-    if cur["input_ids"]:
-        rows.append(cur)
-    return rows
-
-
-def to_rows(examples: list[Example], ft: FinetuneConfig) -> list[dict]:
-    if ft.packing:
-        return pack_examples(examples, ft.max_length)
-    return [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
-@dataclass
-class Collator:
-    """Right-pads a batch. attention_mask marks real tokens (the Trainer counts them for
-    tokens/s); in packed mode it is removed before the forward pass (see PackingTrainer)."""
-
-    pad_id: int
-    packed: bool
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        batch: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
-        if self.packed:
-            batch["position_ids"] = []
-        for r in rows:
-            n, pad = len(r["input_ids"]), width - len(r["input_ids"])
-            batch["input_ids"].append(r["input_ids"] + [self.pad_id] * pad)
-            batch["labels"].append(r["labels"] + [IGNORE] * pad)
-            batch["attention_mask"].append([1] * n + [0] * pad)
-            if self.packed:  # padding restarts at 0: its own block, invisible to real tokens
-                batch["position_ids"].append(r["position_ids"] + list(range(pad)))
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------------------------------
-# Model: LoRA targets, adapters
-# ---------------------------------------------------------------------------------------
-
-
-def linear_module_names(model: Any) -> set[str]:
-    """Leaf names of the linear layers LoRA can adapt (bnb's Linear4bit is an nn.Linear)."""
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head":
-            names.add(name.rsplit(".", 1)[-1])
-    return names
-
-
-def resolve_targets(model: Any, ft: FinetuneConfig, preset: ModelPreset) -> list[str] | str:
-    """finetune.target_modules, else the preset's, else all linear layers; unknown names fail now."""
-    wanted = ft.target_modules or preset.lora_target_modules
-    if not wanted:
-        return "all-linear"
-    available = linear_module_names(model)
-    missing = [name for name in wanted if name not in available]
-    if missing:
-        key = ("finetune.target_modules" if ft.target_modules
-               else f"preset '{preset.name}' lora_target_modules")
-        raise ConfigError(f"{key}: {missing} match no linear layer of {preset.name}; "
-                          f"its linear layers are {sorted(available)}")
-    return list(wanted)
-
-
-def keep_4bit_layers_differentiable(model: Any) -> None:
-    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its AVX512-BF16 CPU kernel on the
-    first no-grad eval-mode forward and keeps them repacked; that kernel (gemv_4bit) has no
-    autograd, so every training step after the first evaluation would backpropagate wrong
-    input gradients through it. Never repack during a training run."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def add_lora(model: Any, ft: FinetuneConfig, preset: ModelPreset, quantized: bool, seed: int) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import set_seed
-
-    targets = resolve_targets(model, ft, preset)
-    if quantized:  # fp32 norms/embeddings, frozen base; checkpointing is enabled by the Trainer
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        keep_4bit_layers_differentiable(model)
-    model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
-    set_seed(seed)  # LoRA A's initialisation draws from the global RNG
-    lora = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-# ---------------------------------------------------------------------------------------
-# Trainer pieces: packing-aware loss, divergence guard, dvclive logging
-# ---------------------------------------------------------------------------------------
-
-
-def forward_inputs(batch: dict, packed: bool) -> dict:
-    """What the model gets. Packed: no 2D mask and no KV cache, the two conditions under which
-    transformers derives block-diagonal attention from the restarting position ids."""
-    if not packed:
-        return batch
-    return {**{k: v for k, v in batch.items() if k != "attention_mask"}, "use_cache": False}
-
-
-def _trainer_classes() -> tuple[type, type]:
-    """Built lazily so importing this module does not import transformers."""
-    from transformers import Trainer, TrainerCallback
-
-    class PackingTrainer(Trainer):
-        def __init__(self, *args: Any, packed: bool, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.packed = packed
-
-        def compute_loss(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
-            return super().compute_loss(model, forward_inputs(inputs, self.packed), *args, **kwargs)
-
-    return PackingTrainer, TrainerCallback
-
-
-def make_callbacks(ft: FinetuneConfig, live_dir: Path) -> list:
-    _, TrainerCallback = _trainer_classes()
-
-    class LossGuard(TrainerCallback):
-        """Stop at a NaN/inf loss or one above loss_spike_factor x the running minimum."""
-
-        def __init__(self) -> None:
-            self.best = math.inf
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            for entry in state.log_history:  # a resumed run keeps the minimum it had reached
-                if "loss" in entry:
-                    self.best = min(self.best, entry["loss"])
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            loss = (logs or {}).get("loss")
-            if loss is None:
-                return
-            hint = "lower finetune.learning_rate (or finetune.max_grad_norm), or check the data"
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss} at step {state.global_step}; {hint}")
-            if self.best < math.inf and loss > ft.loss_spike_factor * self.best:
-                raise TrainingDiverged(
-                    f"loss {loss:.4g} at step {state.global_step} exceeds finetune.loss_spike_factor="
-                    f"{ft.loss_spike_factor} x the running minimum {self.best:.4g}; {hint}"
-                )
-            self.best = min(self.best, loss)
-
-    class LiveLogger(TrainerCallback):
-        """Per-step metrics as dvclive plots, stepped by the optimizer step.
-
-        tokens/s counts real (non-padding) tokens over the time spent inside optimizer steps
-        (forward, backward, update), not the evaluations and checkpoint saves between them. The
-        running totals go into the Trainer's log history, which every checkpoint saves: a resumed
-        or restored run rebuilds its curves and its tokens/s from there, since DVC deletes the
-        dvclive folder before it re-runs the stage."""
-
-        def __init__(self) -> None:
-            self.live: Any = None
-            self.step_start = 0.0
-            self.busy_before = self.busy = self.busy_logged = 0.0
-            self.tokens_logged = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            last = run_totals(state.log_history)
-            self.busy_before = last.get("busy_s", 0.0)
-            self.tokens_logged = state.num_input_tokens_seen
-            self.live = write_live(live_dir, state.log_history)
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.step_start = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.busy += time.monotonic() - self.step_start
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.live is None:  # not training (a finished run's final evaluation)
-                return
-            logs = logs or {}
-            entry = state.log_history[-1]  # the Trainer appends this log's entry before calling us
-            if "loss" in logs and self.busy > self.busy_logged:
-                entry["tokens_per_s"] = (state.num_input_tokens_seen - self.tokens_logged) / (self.busy - self.busy_logged)
-                entry["busy_s"] = self.busy_before + self.busy
-                self.tokens_logged, self.busy_logged = state.num_input_tokens_seen, self.busy
-            log_entry(self.live, entry)
-            self.live.make_summary()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.live.end()
-
-    return [LossGuard(), LiveLogger()]
-
-
-LIVE_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
-              "tokens_per_s": "train/tokens_per_s", "eval_loss": "eval/loss"}
-
-
-def log_entry(live: Any, entry: dict) -> None:
-    live.step = entry["step"]
-    for key, name in LIVE_NAMES.items():
-        if key in entry:
-            live.log_metric(name, float(entry[key]))
-
-
-def write_live(live_dir: Path, log_history: list[dict]) -> Any:
-    """A fresh dvclive folder holding the curves of `log_history` (a resumed run's steps so far)."""
-    from dvclive import Live
-
-    # dvcyaml=None: the stage's dvc.yaml declares the plots; no DVC experiment per run.
-    live = Live(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
-    for entry in log_history:
-        log_entry(live, entry)
-    if log_history:
-        live.make_summary()
-    return live
-
-
-def run_totals(log_history: list[dict]) -> dict:
-    """The last log entry with the run's running totals (busy seconds, and the Trainer's
-    num_input_tokens_seen), or {}."""
-    return next((e for e in reversed(log_history) if "busy_s" in e), {})
-
-
-def run_tokens_per_s(log_history: list[dict]) -> float:
-    """The whole run's training tokens/s, across resumes."""
-    last = run_totals(log_history)
-    return last["num_input_tokens_seen"] / last["busy_s"] if last.get("busy_s") else 0.0
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints: fingerprint, resume
-# ---------------------------------------------------------------------------------------
-
-
-def run_fingerprint(cfg: RunConfig, preset: ModelPreset, dataset_sha: str) -> str:
-    ft = {k: v for k, v in asdict(cfg.finetune).items() if k not in NOT_TRAINING_KEYS}
-    return sha256_text(dumps({"finetune": ft, "seed": cfg.seed, "student": asdict(preset),
-                              "dataset": dataset_sha}))
-
-
-def _trainer_state(checkpoint: Path) -> dict | None:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut
-    short by a kill during its save."""
-    try:
-        return json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def finished(checkpoint: Path) -> bool:
-    """Whether the checkpoint is the run's last step (same fingerprint, so the same max_steps)."""
-    state = _trainer_state(checkpoint) or {}
-    return state.get("global_step", 0) >= state.get("max_steps", math.inf)
-
-
-def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    """The last complete checkpoint of this very run, or None; stale or partial ones are removed."""
-    marker = ckpt_dir / "fingerprint.txt"
-    if ckpt_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
-        log.warning("checkpoints in %s are from another config or dataset: starting over", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint)
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
-                   key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
-    for checkpoint in found:
-        if _trainer_state(checkpoint) is not None:
-            return checkpoint
-        log.warning("removing %s: incomplete (the run was killed while saving it)", checkpoint)
-        shutil.rmtree(checkpoint)
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------
-
-
-def save_adapter(model: Any, out_dir: Path) -> Path:
-    """adapter/ written beside, then swapped in: a killed save never leaves half an adapter."""
-    final = out_dir / "adapter"
-    tmp = out_dir / f".adapter.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    # PEFT writes target_modules from a set, in an order that changes from process to process:
-    # sorted, the same adapter is the same bytes (and DVC sees no change).
-    config_path = tmp / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
-def merge_adapter(preset: ModelPreset, adapter_dir: Path, out_dir: Path) -> Path:
-    """Merge into a bf16 copy of the base (never the 4-bit one: rounding the sum would lose the delta)."""
-    from peft import PeftModel
-
-    from pipeline.engines.student import load_student
-
-    base, tok = load_student(preset, "none", compute_dtype=torch.bfloat16, device="cpu")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    target = out_dir / "merged"
-    shutil.rmtree(target, ignore_errors=True)
-    merged.save_pretrained(str(target), safe_serialization=True)
-    tok.save_pretrained(str(target))
-    return target
-
-
-def peak_memory_bytes(device: str) -> tuple[int, str]:
-    if device == "cuda":
-        return int(torch.cuda.max_memory_allocated()), "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_rss"  # ru_maxrss is KiB on Linux
-
-
-# ---------------------------------------------------------------------------------------
-# The stage
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prepared:
-    train: list[dict]
-    eval: list[dict]
-    stats: PrepStats
-    train_examples: int
-    eval_examples: int
-    extra: dict = field(default_factory=dict)
-
-
-def prepare_data(records: list[dict], tok: Any, ft: FinetuneConfig, seed: int, chat: bool = False) -> Prepared:
-    train_recs, eval_recs = split_records(records, ft.eval_fraction, seed)
-    train_ex, stats = prepare_examples(train_recs, tok, ft, chat)
-    eval_ex, eval_stats = prepare_examples(eval_recs, tok, ft, chat)
-    stats.add(eval_stats)
-    if not train_ex:
-        raise ConfigError(
-            f"finetune: no training example left after dropping long/empty ones ({asdict(stats)}); "
-            "raise finetune.max_length or set finetune.drop_long=false"
-        )
-    train_rows, eval_rows = to_rows(train_ex, ft), to_rows(eval_ex, ft)
-    filled = sum(len(r["input_ids"]) for r in train_rows) / (len(train_rows) * ft.max_length)
-    log.info("examples: %d train, %d eval; %d truncated, %d dropped as too long, %d without a target; "
-             "%d training sequences (%.0f%% full)", len(train_ex), len(eval_ex), stats.truncated,
-             stats.dropped_long, stats.dropped_no_target, len(train_rows), 100 * filled)
-    return Prepared(train_rows, eval_rows, stats, len(train_ex), len(eval_ex),
-                    {"train_sequences": len(train_rows), "eval_sequences": len(eval_rows),
-                     "sequence_fill": round(filled, 4)})
-
-
-def final_eval_loss(trainer: Any) -> float:
-    """The eval loss of the final weights: the periodic evaluation's if it ran at the last step."""
-    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-    if evals and evals[-1].get("step") == trainer.state.global_step:
-        return evals[-1]["eval_loss"]
-    return trainer.evaluate()["eval_loss"]
-
-
-def train_or_restore(trainer: Any, resume: Path | None) -> None:
-    """Train (from `resume` if given); a checkpoint at the run's last step is only loaded, since the
-    Trainer, resumed there, would run one step past max_steps."""
-    if resume is None or not finished(resume):
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        return
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import TrainerState
-
-    log.info("%s is this run's last step: nothing left to train", resume)
-    set_peft_model_state_dict(trainer.model, load_file(str(resume / "adapter_model.safetensors")))
-    trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
-
-
-def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: str, dtype: torch.dtype,
-                       has_eval: bool, progress: bool) -> Any:
-    from transformers import TrainingArguments
-
-    periodic_eval = has_eval and ft.eval_steps > 0
-    return TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=ft.batch_size,
-        per_device_eval_batch_size=ft.batch_size,
-        gradient_accumulation_steps=ft.grad_accum,
-        learning_rate=ft.learning_rate,
-        lr_scheduler_type=ft.lr_scheduler,
-        warmup_steps=ft.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
-        num_train_epochs=ft.epochs,
-        max_steps=ft.max_steps,
-        max_grad_norm=ft.max_grad_norm,
-        logging_steps=ft.logging_steps,
-        logging_nan_inf_filter=False,  # a NaN loss must reach the divergence guard, not be hidden
-        eval_strategy="steps" if periodic_eval else "no",
-        eval_steps=ft.eval_steps if periodic_eval else None,
-        save_strategy="steps",
-        save_steps=ft.save_steps,
-        save_total_limit=SAVE_TOTAL_LIMIT,
-        seed=seed,
-        data_seed=seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        activation_checkpointing=ft.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        # Paged optimizers move state to host memory under pressure: CUDA only.
-        optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",
-        use_cpu=device == "cpu",
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=not progress,
-    )
-
-
-def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True,
-                 callbacks: list | None = None) -> dict:
+def phase_one_output(cfg: RunConfig, preset: ModelPreset) -> tuple[ModelPreset, Path | None]:
+    """(the student to train, the adapter to continue) after phase 1, as `pretrain.*` says."""
+    pt = cfg.pretrain
+    if not pt.enabled:
+        return preset, None
+    weights = Path(pt.output_dir) / "weights"
+    if pt.mode == "lora":
+        return preset, weights / "adapter"
+    model_dir = weights / "model"
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"pretrain.mode={pt.mode}: phase 1's model {model_dir}/ does not exist (config.json): "
+                          "run `textbook pretrain` first, or set pretrain.enabled=false")
+    return dataclasses.replace(preset, name=f"{preset.name}+pretrain-{pt.mode}", gguf=None, hf_id=str(model_dir)), None
+
+
+def pass_through(cfg: RunConfig, out_dir: Path) -> dict:
+    """finetune.enabled=false: phase 1's adapter is the final one."""
+    if not cfg.pretrain.enabled or cfg.pretrain.mode != "lora":
+        raise ConfigError("finetune.enabled=false passes phase 1's adapter through, which needs pretrain.enabled=true "
+                          f"and pretrain.mode=lora (got enabled={cfg.pretrain.enabled}, mode={cfg.pretrain.mode}); "
+                          "with full or scratch, evaluate 'pretrained' instead")
+    weights = Path(cfg.pretrain.output_dir) / "weights"
+    if not (weights / "adapter" / "adapter_config.json").is_file():
+        raise ConfigError(f"finetune.enabled=false: phase 1's adapter {weights / 'adapter'}/ does not exist: "
+                          "run `textbook pretrain` first")
+    shutil.rmtree(out_dir / "adapter", ignore_errors=True)
+    shutil.copytree(weights / "adapter", out_dir / "adapter")
+    if (weights / "adapter.gguf").is_file():
+        shutil.copyfile(weights / "adapter.gguf", out_dir / "adapter.gguf")
+    return {"enabled": False, "passed_through": str(weights / "adapter"), "steps": 0}
+
+
+def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callbacks: list | None = None) -> dict:
     """The stage's core: trains, writes the outputs, returns the metrics (also in metrics.json).
 
     `callbacks` are extra transformers TrainerCallbacks (tests use one to simulate a crash).
     """
-    from pipeline.engines.gguf_lora import check_supported, export_lora_gguf
-    from pipeline.engines.student import (
-        check_packed_attention,
-        device_type,
-        load_student,
-        resolve_compute_dtype,
-    )
-
     t0 = time.monotonic()
     ft = cfg.finetune
     root = configs_dir(config_path)
     preset = load_preset(ft.student, root)
-    if ft.num_threads > 0:
-        torch.set_num_threads(ft.num_threads)
-    records = load_records(Path(ft.dataset_dir))  # bad input fails before a model loads
-    dataset_sha = sha256_text(dumps(sorted(records, key=lambda r: r["id"])))
+    records = load_records(Path(ft.dataset_dir), "finetune")  # bad input fails before a model loads
     out_dir = Path(ft.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, root, "finetune", out_dir)
-
-    device = device_type()
-    dtype = resolve_compute_dtype(ft.compute_dtype, device)
-    quantized = ft.quantization == "nf4"
-    model, tok = load_student(preset, ft.quantization, ft.double_quant, dtype, device)
-    base_config = model.config.to_dict()
-    if ft.export_gguf:
-        check_supported(base_config["model_type"])
-    if ft.packing:
-        check_packed_attention()
-    # An instruct (chat) student trains in its chat template: the format evaluate sends it.
-    data = prepare_data(records, tok, ft, cfg.seed, chat=preset.api == "chat")
-    model = add_lora(model, ft, preset, quantized, cfg.seed)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("student %s on %s, %s, compute %s: %d trainable of %d parameters",
-             preset.name, device, ft.quantization, dtype, trainable, total)
-
-    ckpt_dir = out_dir / "checkpoints"
-    resume = resume_point(ckpt_dir, run_fingerprint(cfg, preset, dataset_sha))
-    if resume is not None:
-        log.info("resuming from %s", resume)
-    own = make_callbacks(ft, out_dir / "dvclive")
-    PackingTrainer, _ = _trainer_classes()
-    trainer = PackingTrainer(
-        model=model,
-        args=training_arguments(ft, ckpt_dir, cfg.seed, device, dtype, bool(data.eval), progress),
-        train_dataset=ListDataset(data.train),
-        eval_dataset=ListDataset(data.eval) if data.eval else None,
-        data_collator=Collator(tok.pad_token_id, ft.packing),
-        callbacks=own + list(callbacks or []),
-        packed=ft.packing,
-    )
-    if not progress:  # -q: no per-step log dicts on stdout either
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    t_train = time.monotonic()
-    train_or_restore(trainer, resume)
-    train_s = time.monotonic() - t_train
-    eval_loss = final_eval_loss(trainer) if data.eval else None
-    # The curves from the whole log history, the final evaluation included: the same folder
-    # whether this run trained, resumed, or only restored a finished checkpoint.
-    write_live(out_dir / "dvclive", trainer.state.log_history).end()
-    adapter_dir = save_adapter(trainer.model, out_dir)
-    train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    metrics = {
-        "student": preset.name,
-        "device": device,
-        "quantization": ft.quantization,
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "resumed_from_step": int(resume.name.rsplit("-", 1)[-1]) if resume else None,
-        "train_loss": train_losses[-1] if train_losses else None,
-        "train_loss_mean": sum(train_losses) / len(train_losses) if train_losses else None,
-        "eval_loss": eval_loss,
-        "train_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": round(run_tokens_per_s(trainer.state.log_history), 2),  # the whole run, across resumes
-        "train_s": round(train_s, 2),
-        "trainable_params": trainable,
-        "total_params": total,
-        "examples": {**asdict(data.stats), "train": data.train_examples, "eval": data.eval_examples,
-                     **data.extra},
-    }
-    del trainer, model  # free the training model before merging
-    if ft.export_gguf:
-        metrics["gguf_adapter"] = export_lora_gguf(adapter_dir, base_config, out_dir / "adapter.gguf")["path"]
-    if ft.merge:
-        metrics["merged_dir"] = str(merge_adapter(preset, adapter_dir, out_dir))
-    peak, kind = peak_memory_bytes(device)
-    metrics.update({"peak_memory_mb": round(peak / 2**20, 1), "peak_memory_kind": kind,
-                    "wall_s": round(time.monotonic() - t0, 2)})
+    if not ft.enabled:
+        metrics = {"student": preset.name, **pass_through(cfg, out_dir), "wall_s": round(time.monotonic() - t0, 2)}
+        write_json(out_dir / "metrics.json", metrics)
+        return metrics
+    chosen = [r for r in records if r["kind"] in ft.kinds]
+    if not chosen:
+        raise ConfigError(f"finetune.kinds={ft.kinds}: {ft.dataset_dir}/train.jsonl holds none of these "
+                          f"({len(records)} records of other kinds)")
+    student, init = phase_one_output(cfg, preset)
+    metrics = train_adapter(ft, student, chosen, out_dir, cfg.seed, section="finetune", init_adapter=init,
+                            progress=progress, callbacks=callbacks)
+    metrics = {"student": preset.name, "enabled": True, "kinds": list(ft.kinds),
+               "phase_one": f"pretrain-{cfg.pretrain.mode}" if cfg.pretrain.enabled else None,
+               **{k: v for k, v in metrics.items() if k != "student"},
+               "wall_s": round(time.monotonic() - t0, 2)}
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -745,5 +110,5 @@ def main(args) -> int:
     except TrainingDiverged as exc:  # a clear message, not a traceback; the checkpoints stay
         log.error("training diverged: %s", exc)
         return 3
-    print(dumps({k: m[k] for k in ("steps", "train_loss", "eval_loss", "tokens_per_s", "peak_memory_mb")}))
+    print(dumps({k: m.get(k) for k in ("steps", "train_loss", "eval_loss", "tokens_per_s", "peak_memory_mb")}))
     return 0

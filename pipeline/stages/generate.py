@@ -30,7 +30,13 @@ from tqdm import tqdm
 
 from pipeline.core.config import ConfigError, GenerateConfig, ModelPreset, RunConfig, configs_dir, load_preset
 from pipeline.core.records import dumps, sha256_text, write_json, write_jsonl
-from pipeline.core.schema import ParseError, exercise_program, parse_exercise, parse_textbook
+from pipeline.core.schema import (
+    ParseError,
+    exercise_program,
+    parse_exercise,
+    parse_textbook,
+    parse_truncated_exercise,
+)
 from pipeline.core.stage import write_resolved_config
 from pipeline.engines.llm import (
     BudgetExhausted,
@@ -181,8 +187,9 @@ def build_requests(specs: list[dict], gen: GenerateConfig, preset: ModelPreset, 
 # ---------------------------------------------------------------------------------------
 
 
-def to_records(spec: dict, chain: Chain, preset: ModelPreset) -> tuple[list[dict], list[dict]]:
-    """(kept, rejected) records for one prompt's chain; one record per choice of its final answer."""
+def to_records(spec: dict, chain: Chain, preset: ModelPreset, salvage: bool = False) -> tuple[list[dict], list[dict]]:
+    """(kept, rejected) records for one prompt's chain; one record per choice of its final answer.
+    ``salvage``: an exercise cut at max_tokens in its tests keeps what came before the cut."""
     req = chain.request
     base = {
         "kind": spec["kind"], "attributes": spec["attributes"],
@@ -201,6 +208,12 @@ def to_records(spec: dict, chain: Chain, preset: ModelPreset) -> tuple[list[dict
         rec = {**base, "id": rid, "raw": choice["text"], "finish_reason": choice["finish_reason"],
                "usage": chain.usage() if k == 0 else {"prompt_tokens": 0, "completion_tokens": 0}}
         if choice["finish_reason"] != "stop":
+            if salvage and spec["kind"] == "exercise" and choice["finish_reason"] == "length":
+                try:
+                    kept.append({**rec, "parsed": parse_truncated_exercise(choice["text"]), "salvaged": "length"})
+                    continue
+                except ParseError as exc:
+                    rec["detail"] = str(exc)
             rejected.append({**rec, "reason": f"finish_reason={choice['finish_reason']}"})
             continue
         try:
@@ -414,7 +427,7 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     for req in requests:
         if req.id not in chains:
             continue  # not attempted (budget): neither kept nor rejected; a re-run picks it up
-        kept, rej = to_records(by_id[req.id], chains[req.id], preset)
+        kept, rej = to_records(by_id[req.id], chains[req.id], preset, gen.salvage_truncated)
         (exercises if by_id[req.id]["kind"] == "exercise" else textbooks).extend(kept)
         rejected.extend(rej)
     write_jsonl(out_dir / "exercises.jsonl", exercises)
@@ -436,6 +449,7 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
         "kept": {"exercise": len(exercises), "textbook": len(textbooks)},
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(reasons.items())),
+        "salvaged_from_length": sum(1 for r in exercises if r.get("salvaged") == "length"),
         "repair": {"rounds": gen.repair_rounds, "requests": sum(outcomes.values()),
                    "by_outcome": dict(sorted(outcomes.items())),
                    "exercises_repaired": sum(1 for c in chains.values() if any(

@@ -117,6 +117,22 @@ def _teacher_section(cfg: RunConfig, config_path: Path) -> list[str]:
     return lines
 
 
+def _assert_policy_effect(fc, ex: Mapping) -> str:
+    if fc.assert_policy == "all":
+        return "every assert must pass"
+    dropped = (f"{_num(ex.get('kept_with_dropped_asserts', 0))} exercise(s) kept with "
+               f"{_num(ex.get('asserts_dropped', 0))} assert(s) dropped (kept in `dropped_asserts`)")
+    if fc.assert_policy == "drop_failing":
+        return (f"a solution failing at most {fc.max_dropped_fraction:.0%} of its asserts (AssertionError only) is "
+                f"kept with them removed if >= {fc.min_kept_asserts} remain that a `pass` body fails: {dropped}")
+    return (f"a failing `assert f(x) == y` got the value the solution returned as y, and asserts that made it raise "
+            f"were dropped, if >= {fc.min_agreeing_asserts} of the teacher's expected values matched as written and "
+            f">= {fc.min_kept_asserts} asserts remain that a `pass` body fails: "
+            f"{_num(ex.get('kept_with_rewritten_asserts', 0))} exercise(s) kept with "
+            f"{_num(ex.get('asserts_rewritten', 0))} expected value(s) rewritten (originals in `rewritten_asserts`); "
+            f"{dropped}. The tests of these exercises record what the code does, not an independent check of it")
+
+
 def _curation_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
     """The curation policies by config key, with what each did in this release."""
     gen, fc = cfg.generate, cfg.filter
@@ -127,12 +143,7 @@ def _curation_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | Non
          (f"an exercise whose asserts failed in the sandbox went back to the teacher with each failing assert and "
           f"the values seen: {_num(repair.get('requests', 0))} repair request(s), "
           f"{_num(repair.get('exercises_repaired', 0))} exercise(s) improved") if gen.repair_rounds else "off"],
-        ["`filter.assert_policy`", fc.assert_policy,
-         "every assert must pass" if fc.assert_policy == "all" else
-         (f"a solution failing at most {fc.max_dropped_fraction:.0%} of its asserts (AssertionError only) is kept "
-          f"with them removed if >= {fc.min_kept_asserts} remain that a `pass` body fails: "
-          f"{_num(ex.get('kept_with_dropped_asserts', 0))} exercise(s) kept so, "
-          f"{_num(ex.get('asserts_dropped', 0))} assert(s) dropped (kept in `dropped_asserts`)")],
+        ["`filter.assert_policy`", fc.assert_policy, _assert_policy_effect(fc, ex)],
         ["`filter.check_vacuous_tests`", fc.check_vacuous_tests,
          "tests that also pass with the body replaced by `pass` are dropped" if fc.check_vacuous_tests else "off"],
     ]
