@@ -96,6 +96,29 @@ def test_every_shipped_preset_and_profile_is_valid():
         load_config(REPO / "params.yaml", [f"profile={path.stem}"])
 
 
+def test_showcase_script_resolves_and_keeps_its_outputs_apart():
+    """tools/showcase.sh runs every stage with one --set list: a valid config, nothing written over the
+    default run's outputs, every stage reading what the one before wrote."""
+    import re
+    import shlex
+
+    text = (REPO / "tools/showcase.sh").read_text()
+    words = shlex.split(re.search(r"SET=\((.*?)\)", text, re.S).group(1).replace("$D", "data/showcase"))
+    sets = [w for w in words if w != "--set"]
+    cfg = load_config(REPO / "params.yaml", sets)
+    assert cfg.profile == "cpu-showcase" and cfg.evaluate.problems == 0 and cfg.pretrain.enabled
+    assert cfg.finetune.student == "gemma-3-270m" and cfg.generate.teacher == "qwen2.5-coder-0.5b-instruct"
+    outs = [cfg.generate.output_dir, cfg.filter.output_dir, cfg.dedupe.output_dir, cfg.decontaminate.output_dir,
+            cfg.decontaminate.dataset_dir, cfg.pretrain.output_dir, cfg.finetune.output_dir, cfg.evaluate.output_dir,
+            cfg.decontaminate.card_path]
+    assert all(o.startswith(("data/showcase/", "eval/showcase")) for o in outs), outs
+    chain = [(cfg.filter.input_dir, cfg.generate.output_dir), (cfg.dedupe.input_dir, cfg.filter.output_dir),
+             (cfg.decontaminate.input_dir, cfg.dedupe.output_dir), (cfg.finetune.dataset_dir, cfg.decontaminate.dataset_dir)]
+    assert all(a == b for a, b in chain)
+    stages = re.search(r"STAGES=\((.*?)\)", text).group(1).split()
+    assert stages == ["generate", "filter", "dedupe", "decontaminate", "pretrain", "finetune", "evaluate", "report"]
+
+
 def test_repo_params_shadow_no_profile_key(caplog):
     # params.yaml beats the profile, so a key in both would silently void the profile's scale.
     for path in (REPO / "configs" / "profiles").glob("*.yaml"):

@@ -112,6 +112,13 @@ def test_long_examples_are_truncated_or_dropped_and_counted(tok):
     # An exercise whose prompt alone fills max_length has no target left: dropped, counted.
     kept, stats = prepare_examples([exercise(2)], tok, ftcfg(max_length=16))
     assert (kept, stats.dropped_no_target) == ([], 1)
+    # A long textbook section is read whole in max_length pieces when asked (pretrain always asks).
+    whole = tokenize_record(textbook(0), tok, completion_only=True).input_ids
+    kept, stats = prepare_examples([textbook(0)], tok, ftcfg(max_length=16, split_long_textbooks=True))
+    assert stats.split == len(kept) - 1 >= 1 and stats.truncated == 0 and all(len(e.input_ids) <= 16 for e in kept)
+    joined = [t for e in kept for t in e.input_ids]
+    assert joined in (whole, whole[:-1])  # a last piece of one token predicts nothing: left out
+    assert all(e.labels[0] == IGNORE and e.labels[1:] == e.input_ids[1:] for e in kept)
 
 
 def test_split_is_seeded_disjoint_and_order_independent():

@@ -517,6 +517,8 @@ class FinetuneConfig:
     grad_accum: int = opt(1, help="Gradient accumulation steps.")
     max_length: int = opt(512, help="Tokens per sequence; longer examples are truncated or dropped (counted).")
     drop_long: bool = opt(False, help="Drop examples longer than max_length instead of truncating them.")
+    split_long_textbooks: bool = opt(False, help="Split a textbook section longer than max_length into max_length "
+                                     "pieces instead of truncating it (pretrain always does: a corpus is read whole).")
     packing: bool = opt(True, help="Pack short examples into full max_length sequences.")
     completion_only_loss: bool = opt(True, help="Loss on the solution only, not on the signature and docstring.")
     eval_fraction: float = opt(0.1, help="Held-out fraction for eval loss.")

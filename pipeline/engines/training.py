@@ -95,6 +95,7 @@ class PrepStats:
     exercises: int = 0
     textbooks: int = 0
     truncated: int = 0
+    split: int = 0  # extra pieces of long textbook sections (split_long_textbooks)
     dropped_long: int = 0
     dropped_no_target: int = 0
     tokens: int = 0
@@ -190,6 +191,17 @@ def prepare_examples(records: list[dict], tok: Any, ft: FinetuneConfig,
         stats.exercises += rec["kind"] == "exercise"
         stats.textbooks += rec["kind"] == "textbook"
         ex = tokenize_record(rec, tok, ft.completion_only_loss, chat)
+        if len(ex.input_ids) > ft.max_length and ft.split_long_textbooks and rec["kind"] == "textbook":
+            # A document, every token a target: max_length windows, each starting without a target
+            # (as every example does), instead of losing its tail.
+            pieces = [ex.input_ids[i: i + ft.max_length] for i in range(0, len(ex.input_ids), ft.max_length)]
+            pieces = [ids for ids in pieces if len(ids) > 1]
+            stats.split += len(pieces) - 1
+            for ids in pieces:
+                stats.tokens += len(ids)
+                stats.target_tokens += len(ids) - 1
+                out.append(Example(ids, [IGNORE] + ids[1:]))
+            continue
         if len(ex.input_ids) > ft.max_length:
             if ft.drop_long:
                 stats.dropped_long += 1

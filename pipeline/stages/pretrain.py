@@ -85,6 +85,7 @@ def phase_config(cfg: RunConfig) -> FinetuneConfig:
     pt = cfg.pretrain
     return dataclasses.replace(cfg.finetune, learning_rate=pt.learning_rate, epochs=pt.epochs, max_steps=pt.max_steps,
                                max_length=pt.max_length, completion_only_loss=False, merge=False,
+                               split_long_textbooks=True,
                                kinds=list(pt.kinds), output_dir=pt.output_dir)
 
 
