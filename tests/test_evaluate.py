@@ -217,14 +217,17 @@ def test_stage_with_real_llamacpp_adapter_and_chat_teacher(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     # The instruct GGUF as a base-model student (plain completions); the ci teacher is the same GGUF over chat.
     smol = yaml.safe_load((REPO_ROOT / "configs/models/smollm2-135m-instruct.yaml").read_text())
-    project = eval_project(tmp_path, "smol-base", problems=3, max_tokens=32, models=["base", "finetuned", "teacher"])
+    project = eval_project(tmp_path, "smol-base", problems=3, max_tokens=32,
+                           models=["base", "pretrained", "finetuned", "teacher"])
     add_preset(project, "smol-base", **{**smol, "api": "completions", "model": "smol-base"})
-    write_finetune_outputs(tmp_path / "data/finetune")
+    # Phase 1 a LoRA (served by llama.cpp like the final adapter), phase 2 another.
+    write_finetune_outputs(tmp_path / "data/pretrain/weights", seed=1)
+    write_finetune_outputs(tmp_path / "data/finetune", seed=2)
 
-    metrics = run(project)
+    metrics = run(project, "pretrain.enabled=true")
     he = metrics["humaneval"]
     assert (he["problems"], he["subset"], he["samples_per_problem"]) == (3, "first 3 of 164", 1)
-    for m in ("base", "finetuned", "teacher"):
+    for m in ("base", "pretrained", "finetuned", "teacher"):
         assert {"pass@1", "pass@1_ci95_low", "pass@1_ci95_high", "tokens_per_s", "generation_s", "execution_s",
                 "requests_sent"} <= set(he[m])
         assert he[m]["requests_sent"] == 3 and he[m]["completion_tokens"] > 0
@@ -234,51 +237,37 @@ def test_stage_with_real_llamacpp_adapter_and_chat_teacher(tmp_path, monkeypatch
         assert he[m]["pass@1"] == pytest.approx(sum(r["passed"] for r in rows) / 3)
         assert all(truncate_at_stop(r["completion"], STOP) == r["completion"] for r in rows if m != "teacher")
     assert he["delta"]["pass@1"] == pytest.approx(he["finetuned"]["pass@1"] - he["base"]["pass@1"])
+    # Each phase against the model before it, paired on the same problems.
+    assert he["phases"]["pretrain"]["pass@1"] == pytest.approx(he["pretrained"]["pass@1"] - he["base"]["pass@1"])
+    assert he["phases"]["finetune"]["pass@1"] == pytest.approx(he["finetuned"]["pass@1"] - he["pretrained"]["pass@1"])
+    assert "p_value" in he["phases"]["finetune"] and "p_value" in he["delta"]
     assert he["sanity"]["canonical_pass_rate"] == 1.0 and he["sanity"]["failed_requests"] == 0
     per = read(project, "per_problem.json")
     assert per["subset"] == "first 3 of 164" and [r["task_id"] for r in per["results"]] == ["HumanEval/0",
                                                                                             "HumanEval/1", "HumanEval/2"]
     ft = per["models"]["finetuned"]
     assert ft["adapter_sha256"][:12] in ft["model"] and ft["identity"] != per["models"]["base"]["identity"]
+    assert set(per["models"]) == {"base", "pretrained", "finetuned", "teacher"}
+    assert per["models"]["pretrained"]["adapter"] == "data/pretrain/weights/adapter.gguf"
+    assert "-pretrain-lora-" in per["models"]["pretrained"]["model"]
     assert per["models"]["teacher"]["api"] == "chat"
     # The adapter is really applied: the fine-tuned model's greedy completions differ from the base's.
     base_c = [r["completion"] for r in read(project, "samples_base.jsonl")]
+    pre_c = [r["completion"] for r in read(project, "samples_pretrained.jsonl")]
     assert base_c != [r["completion"] for r in read(project, "samples_finetuned.jsonl")]
+    assert pre_c != base_c and pre_c != [r["completion"] for r in read(project, "samples_finetuned.jsonl")]
     assert (tmp_path / "eval/resolved_config.yaml").is_file() and (tmp_path / "data/eval_cache/requests.sqlite").is_file()
 
     # A re-run is answered from the cache: no server, the same per-problem results and samples.
     before = {n: (tmp_path / "eval" / n).read_bytes() for n in ("per_problem.json", "samples_base.jsonl",
-                                                                "samples_finetuned.jsonl", "samples_teacher.jsonl")}
+                                                                "samples_pretrained.jsonl", "samples_finetuned.jsonl",
+                                                                "samples_teacher.jsonl")}
     monkeypatch.setattr(evaluate, "serve", _no_server)
-    again = run(project)["humaneval"]
-    assert all(again[m]["requests_sent"] == 0 and again[m]["cache_hits"] == 3 for m in ("base", "finetuned", "teacher"))
+    again = run(project, "pretrain.enabled=true")["humaneval"]
+    assert all(again[m]["requests_sent"] == 0 and again[m]["cache_hits"] == 3
+               for m in ("base", "pretrained", "finetuned", "teacher"))
     assert again["base"]["tokens_per_s"] is None
     assert {n: (tmp_path / "eval" / n).read_bytes() for n in before} == before
-
-
-@pytest.mark.slow
-def test_each_phase_is_scored_and_compared_with_the_one_before(tmp_path, monkeypatch):
-    """Phase 1 (a LoRA: served by llama.cpp like the final adapter), phase 2, and the paired test of each step."""
-    monkeypatch.chdir(tmp_path)
-    smol = yaml.safe_load((REPO_ROOT / "configs/models/smollm2-135m-instruct.yaml").read_text())
-    project = eval_project(tmp_path, "smol-base", problems=3, max_tokens=24)
-    add_preset(project, "smol-base", **{**smol, "api": "completions", "model": "smol-base"})
-    write_finetune_outputs(tmp_path / "data/pretrain/weights", seed=1)
-    write_finetune_outputs(tmp_path / "data/finetune", seed=2)
-    he = run(project, "pretrain.enabled=true")["humaneval"]
-    per = read(project, "per_problem.json")
-    assert list(per["models"]) == ["base", "pretrained", "finetuned"]
-    assert per["models"]["pretrained"]["adapter"] == "data/pretrain/weights/adapter.gguf"
-    assert "-pretrain-lora-" in per["models"]["pretrained"]["model"]
-    assert set(he["phases"]) == {"pretrain", "finetune"}
-    assert he["phases"]["pretrain"]["pass@1"] == pytest.approx(he["pretrained"]["pass@1"] - he["base"]["pass@1"])
-    assert he["phases"]["finetune"]["pass@1"] == pytest.approx(he["finetuned"]["pass@1"] - he["pretrained"]["pass@1"])
-    assert "p_value" in he["phases"]["finetune"] and "p_value" in he["delta"]
-    completions = {m: [r["completion"] for r in read(project, f"samples_{m}.jsonl")] for m in per["models"]}
-    assert completions["pretrained"] != completions["base"] and completions["pretrained"] != completions["finetuned"]
-    # Phase 1 off: the same evaluate.models list skips 'pretrained' (an empty samples file stays for DVC).
-    he = run(project)["humaneval"]
-    assert "pretrained" not in he and "phases" not in he and read(project, "samples_pretrained.jsonl") == []
 
 
 def test_a_model_phase_one_trained_whole_is_served_in_process_with_its_adapter(tmp_path, monkeypatch):
@@ -408,3 +397,5 @@ def test_transformers_fallback_with_peft_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate, "InProcessModel", NoModel)
     assert run(project)["humaneval"]["base"]["cache_hits"] == 2
+    # Phase 1 off (the default): the default evaluate.models skips 'pretrained', its samples file stays empty.
+    assert "pretrained" not in he and "phases" not in he and read(project, "samples_pretrained.jsonl") == []
