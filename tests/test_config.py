@@ -156,3 +156,33 @@ def test_resolved_config_inlines_presets_and_holds_no_secret(tmp_path, monkeypat
     assert resolved["presets"]["gpt-4o-mini"]["api_key_env"] == "OPENAI_API_KEY"
     assert "sk-should-never-be-written" not in text
     assert build(RunConfig, {"generate": resolved["generate"]}).generate == cfg.generate  # round-trips
+
+
+def test_stage_cli_prints_the_summary_or_one_clear_line_with_the_status(tmp_path, capsys, caplog):
+    import argparse
+
+    from pipeline.core.stage import add_common_arguments, stage_cli
+
+    class Diverged(RuntimeError):
+        pass
+
+    params = write(make_project(tmp_path, {}), {"profile": "ci"})
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser)
+    args = parser.parse_args(["--config", str(params), "-q", "--set", "seed=5"])
+    seen = {}
+
+    def ok(cfg, path, progress):
+        seen.update(seed=cfg.seed, progress=progress, path=path)
+        return {"steps": 4, "loss": 0.5, "noise": "x"}
+
+    assert stage_cli(ok, args, lambda m: {"steps": m["steps"]}) == 0
+    assert capsys.readouterr().out == '{"steps":4}\n' and seen == {"seed": 5, "progress": False, "path": params}
+
+    def boom(cfg, path, progress):
+        raise Diverged("loss is nan at step 3")
+
+    assert stage_cli(boom, args, dict, {Diverged: ("training diverged", 3)}) == 3
+    assert "training diverged: loss is nan at step 3" in caplog.text and capsys.readouterr().out == ""
+    with pytest.raises(ValueError):  # anything else is a bug: its traceback is wanted
+        stage_cli(lambda *a, **k: (_ for _ in ()).throw(ValueError("bug")), args, dict, {Diverged: ("x", 3)})

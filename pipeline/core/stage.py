@@ -37,3 +37,20 @@ def load_stage_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 def write_resolved_config(cfg: RunConfig, configs_root: Path, stage: str, out_dir: Path) -> None:
     text = yaml.safe_dump(resolved_dict(cfg, configs_root, stage), sort_keys=True, allow_unicode=True)
     atomic_write_text(out_dir / "resolved_config.yaml", text)
+
+
+def stage_cli(run, args: argparse.Namespace, summary, failures: dict[type, tuple[str, int]] | None = None) -> int:
+    """A stage's `main`: load the config, run the stage's core, print `summary(result)` as one JSON
+    line. An exception named in `failures` ({type: (what, exit status)}) is logged as one clear line,
+    not a traceback, and its exit status returned."""
+    from pipeline.core.records import dumps
+
+    cfg, path = load_stage_config(args)
+    try:
+        result = run(cfg, path, progress=not args.quiet)
+    except tuple(failures or {}) as exc:
+        what, status = next(v for k, v in (failures or {}).items() if isinstance(exc, k))
+        logging.getLogger(run.__module__).error("%s: %s", what, exc)
+        return status
+    print(dumps(summary(result)))
+    return 0

@@ -62,9 +62,9 @@ from pipeline.core.config import (
 )
 from pipeline.core.humaneval import HUMANEVAL_TOTAL, load_problems, subset_label
 from pipeline.core.passk import mean_pass_at_k, paired_delta, wilson_interval
-from pipeline.core.records import dumps, sha256_file, sha256_text, sha256_tree, write_json, write_jsonl
+from pipeline.core.records import sha256_file, sha256_text, sha256_tree, write_json, write_jsonl
 from pipeline.core.schema import chat_messages, code_blocks
-from pipeline.core.stage import write_resolved_config
+from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.llm import (
     LLMClient,
     LLMRequest,
@@ -639,15 +639,10 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
 
 
 def main(args) -> int:
-    from pipeline.core.stage import load_stage_config
+    def summary(metrics: dict) -> dict:
+        he = metrics["humaneval"]
+        return {"subset": he["subset"], **{m: he[m]["pass@1"] for m in ("base", "pretrained", "finetuned", "teacher")
+                                          if m in he},
+                "delta": he.get("delta", {}).get("pass@1"), "flags": len(he["sanity"]["flags"])}
 
-    cfg, path = load_stage_config(args)
-    try:
-        metrics = run_evaluate(cfg, path, progress=not args.quiet)
-    except EvaluationError as exc:
-        log.error("evaluate failed: %s", exc)
-        return 1
-    he = metrics["humaneval"]
-    print(dumps({"subset": he["subset"], **{m: he[m]["pass@1"] for m in ("base", "finetuned", "teacher") if m in he},
-                 "delta": he.get("delta", {}).get("pass@1"), "flags": len(he["sanity"]["flags"])}))
-    return 0
+    return stage_cli(run_evaluate, args, summary, {EvaluationError: ("evaluate failed", 1)})

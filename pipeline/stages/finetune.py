@@ -24,17 +24,14 @@ eval loss, learning rate, grad norm, tokens/s), resolved_config.yaml, checkpoint
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import time
 from pathlib import Path
 
 from pipeline.core.config import ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
-from pipeline.core.records import dumps, write_json
-from pipeline.core.stage import write_resolved_config
+from pipeline.core.records import write_json
+from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.training import TrainingDiverged, load_records, train_adapter
-
-log = logging.getLogger(__name__)
 
 
 def phase_one_output(cfg: RunConfig, preset: ModelPreset) -> tuple[ModelPreset, Path | None]:
@@ -102,13 +99,6 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callb
 
 
 def main(args) -> int:
-    from pipeline.core.stage import load_stage_config
-
-    cfg, path = load_stage_config(args)
-    try:
-        m = run_finetune(cfg, path, progress=not args.quiet)
-    except TrainingDiverged as exc:  # a clear message, not a traceback; the checkpoints stay
-        log.error("training diverged: %s", exc)
-        return 3
-    print(dumps({k: m.get(k) for k in ("steps", "train_loss", "eval_loss", "tokens_per_s", "peak_memory_mb")}))
-    return 0
+    # A diverged run is a clear message and exit status 3, not a traceback; the checkpoints stay.
+    return stage_cli(run_finetune, args, lambda m: {k: m.get(k) for k in ("steps", "train_loss", "eval_loss", "tokens_per_s", "peak_memory_mb")},
+                     {TrainingDiverged: ("training diverged", 3)})

@@ -43,8 +43,8 @@ from pipeline.core.config import (
     configs_dir,
     load_preset,
 )
-from pipeline.core.records import RecordError, dumps, read_jsonl, write_json
-from pipeline.core.stage import write_resolved_config
+from pipeline.core.records import RecordError, read_jsonl, write_json
+from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.training import Sampler, TrainingDiverged, load_records, train_adapter, train_model
 
 log = logging.getLogger(__name__)
@@ -172,13 +172,6 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
 
 
 def main(args) -> int:
-    from pipeline.core.stage import load_stage_config
-
-    cfg, path = load_stage_config(args)
-    try:
-        m = run_pretrain(cfg, path, progress=not args.quiet)
-    except TrainingDiverged as exc:  # a clear message, not a traceback; the checkpoints stay
-        log.error("training diverged: %s", exc)
-        return 3
-    print(dumps({k: m.get(k) for k in ("enabled", "mode", "steps", "train_loss", "eval_loss", "tokens_per_s")}))
-    return 0
+    # A diverged run is a clear message and exit status 3, not a traceback; the checkpoints stay.
+    return stage_cli(run_pretrain, args, lambda m: {k: m.get(k) for k in ("enabled", "mode", "steps", "train_loss", "eval_loss", "tokens_per_s")},
+                     {TrainingDiverged: ("training diverged", 3)})
