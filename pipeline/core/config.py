@@ -481,6 +481,11 @@ class PretrainConfig:
     scratch: ScratchModelConfig = opt(dataclasses.MISSING, help="The model built in scratch mode.",
                                       default_factory=ScratchModelConfig)
 
+    @property
+    def weights_dir(self) -> Path:
+        """What phase 2 and evaluate read: adapter/ + adapter.gguf (lora) or model/ (full, scratch)."""
+        return Path(self.output_dir) / "weights"
+
     def __post_init__(self) -> None:
         check(bool(self.kinds) and set(self.kinds) <= set(RECORD_KINDS), "pretrain.kinds",
               f"must be a non-empty subset of {list(RECORD_KINDS)}, got {self.kinds}")

@@ -196,7 +196,7 @@ def phase_one_model(cfg: RunConfig, student: ModelPreset) -> ModelPreset | None:
     pt = cfg.pretrain
     if not pt.enabled or pt.mode == "lora":
         return None
-    folder = Path(pt.output_dir) / "weights" / "model"
+    folder = pt.weights_dir / "model"
     if not (folder / "config.json").is_file():
         raise ConfigError(f"evaluate: pretrain.mode={pt.mode} but its model {folder}/ does not exist: run "
                           "`textbook pretrain` first")
@@ -232,7 +232,7 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
         elif name == "pretrained" and phase_one is not None:
             targets.append(Target("pretrained", phase_one, "transformers"))
         elif name == "pretrained":
-            path, sha, rank = _adapter(Path(cfg.pretrain.output_dir) / "weights", engine, "pretrained", "pretrain")
+            path, sha, rank = _adapter(cfg.pretrain.weights_dir, engine, "pretrained", "pretrain")
             preset = dataclasses.replace(student, name=f"{student.name}+pretrain-lora",
                                          model=f"{student.model}-pretrain-lora-{sha[:12]}")
             targets.append(Target("pretrained", preset, engine, path, sha, rank))

@@ -39,7 +39,7 @@ def phase_one_output(cfg: RunConfig, preset: ModelPreset) -> tuple[ModelPreset, 
     pt = cfg.pretrain
     if not pt.enabled:
         return preset, None
-    weights = Path(pt.output_dir) / "weights"
+    weights = pt.weights_dir
     if pt.mode == "lora":
         return preset, weights / "adapter"
     model_dir = weights / "model"
@@ -55,7 +55,7 @@ def pass_through(cfg: RunConfig, out_dir: Path) -> dict:
         raise ConfigError("finetune.enabled=false passes phase 1's adapter through, which needs pretrain.enabled=true "
                           f"and pretrain.mode=lora (got enabled={cfg.pretrain.enabled}, mode={cfg.pretrain.mode}); "
                           "with full or scratch, evaluate 'pretrained' instead")
-    weights = Path(cfg.pretrain.output_dir) / "weights"
+    weights = cfg.pretrain.weights_dir
     if not (weights / "adapter" / "adapter_config.json").is_file():
         raise ConfigError(f"finetune.enabled=false: phase 1's adapter {weights / 'adapter'}/ does not exist: "
                           "run `textbook pretrain` first")

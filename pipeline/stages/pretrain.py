@@ -103,12 +103,12 @@ def build_scratch_model(sc: ScratchModelConfig, tok: Any, seed: int) -> Any:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def disabled(out_dir: Path) -> dict:
+def disabled(out_dir: Path, weights: Path) -> dict:
     """Phase 1 off: every declared output exists (DVC needs them), holding nothing."""
-    for name in ("weights", "dvclive", "checkpoints"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-        (out_dir / name).mkdir(parents=True)
-    (out_dir / "weights" / "DISABLED").write_text("pretrain.enabled is false: finetune starts from the student base\n")
+    for folder in (weights, out_dir / "dvclive", out_dir / "checkpoints"):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    (weights / "DISABLED").write_text("pretrain.enabled is false: finetune starts from the student base\n")
     write_json(out_dir / "dvclive" / "metrics.json", {})
     (out_dir / "samples.jsonl").write_text("")
     return {"enabled": False}
@@ -123,7 +123,7 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, root, "pretrain", out_dir)
     if not pt.enabled:
-        metrics = disabled(out_dir)
+        metrics = disabled(out_dir, pt.weights_dir)
         write_json(out_dir / "metrics.json", metrics)
         return metrics
     preset = load_preset(cfg.finetune.student, root)
@@ -135,7 +135,7 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
         raise ConfigError(f"pretrain.kinds={pt.kinds}: {cfg.finetune.dataset_dir}/train.jsonl holds none of these and "
                           "pretrain.extra_corpus is empty: nothing to pretrain on")
     ft = phase_config(cfg)
-    weights = out_dir / "weights"
+    weights = pt.weights_dir
     (weights / "DISABLED").unlink(missing_ok=True)
     sampler = Sampler(list(pt.sample_prompts), pt.sample_steps, pt.sample_tokens, out_dir / "samples.jsonl")
     if pt.mode == "lora":
