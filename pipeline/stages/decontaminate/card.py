@@ -215,6 +215,10 @@ def _decontamination_section(cfg: RunConfig, stats: Mapping) -> list[str]:
                "docstrings and type hints dropped (phi-1 section 5)"]
     signals.append(f"embedding cosine >= {dc.embedding_threshold} ({dc.embedding_model}, all-MiniLM-L6-v2)"
                    if dc.embedding else "embedding similarity: off")
+    signals.append(f"behaviour: the exercise's function passes a problem's own tests, run in the sandbox against the "
+                   f"{dc.functional_candidates or 'all'} most similar problems of a compatible signature; a function "
+                   "that fails a problem's tests is a different task, and the text signals do not count that problem"
+                   if dc.functional else "behaviour (functional signal): off")
     by_signal = stats.get("removed_by_signal") or {}
     removed_ids = stats.get("removed_task_ids") or []
     lines = ["## Decontamination against HumanEval", "",
@@ -222,7 +226,9 @@ def _decontamination_section(cfg: RunConfig, stats: Mapping) -> list[str]:
              *[f"- {s}" for s in signals], "",
              *_table(["signal", "records removed"], [[s, n] for s, n in by_signal.items()]), "",
              f"Removed {_num(total(stats.get('removed')))} record(s), matching {len(removed_ids)} distinct problem(s)"
-             + (f": {', '.join(removed_ids)}" if removed_ids else "") + ".", ""]
+             + (f": {', '.join(removed_ids)}" if removed_ids else "") + "."
+             + (f" Kept because their function fails the tests of the problem a text signal pointed to: "
+                f"{stats['kept_by_behaviour']}." if stats.get("kept_by_behaviour") else ""), ""]
     similar = he.get("similar_at_tau") or {}
     if similar:
         lines += [f"Closest released record per problem (`humaneval_similarity.json` in `{dc.output_dir}/`): highest "
@@ -252,12 +258,15 @@ def _limitations_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | 
         "Decontaminated against HumanEval only; other benchmarks (MBPP, ...) may still overlap.",
         "The n-gram signals are on words: identical code with renamed identifiers passes them (the AST signal "
         "is there for that), and a generic 13-word phrase can remove a clean record.",
-        "The AST signal compares code structure: an equivalent algorithm written differently is not caught.",
+        "The AST signal compares code structure: an equivalent algorithm written differently is not caught "
+        "by it (the behaviour signal is there for that).",
+        "The behaviour signal runs exercises, not textbook sections: a textbook's code is checked by text and "
+        "structure only.",
         "Check the teacher model's terms of use before redistributing its outputs; the license field is the "
         "pipeline's default.",
     ]
-    if not cfg.decontaminate.embedding:
-        items.append("The embedding signal was off: paraphrased problems with different code may remain.")
+    if not cfg.decontaminate.functional:
+        items.append("The behaviour signal was off: problems rewritten with another algorithm may remain.")
     missing = [s for s in STAGE_ORDER[:-1] if stats_by_stage.get(s) is None]
     if missing:
         items.append(f"Stage(s) not run for this release: {', '.join(missing)}.")
