@@ -48,6 +48,7 @@ from pipeline.stages.evaluate import (  # noqa: E402
     Target,
     _send,
     build_requests,
+    convention,
     load_problems,
     run_evaluate,
     truncate_at_stop,
@@ -74,7 +75,7 @@ def throughput(preset: ModelPreset, problems: list[dict], ev: EvaluateConfig, pr
     return {"processes": processes, "threads_per_process": max(1, threads // processes),
             "server_start_s": round(started, 2), "generation_s": round(gen_s, 2), "completion_tokens": tokens,
             "problems_per_min": round(60 * len(problems) / gen_s, 2), "tokens_per_s": round(tokens / gen_s, 2),
-            "mean_completion_chars": round(sum(len(truncate_at_stop(r.choices[0]["text"], ev.stop))
+            "mean_completion_chars": round(sum(len(truncate_at_stop(r.choices[0]["text"], convention(ev).stop(ev.stop)))
                                                for r in results) / len(results), 1)}
 
 

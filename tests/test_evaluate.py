@@ -27,11 +27,15 @@ from pipeline.stages.evaluate import (
     subset_label,
     truncate_at_stop,
 )
+from pipeline.stages.evaluate.harness import Convention, sanitize
+from pipeline.stages.evaluate.harness import test_support as support_for
 from tests.fakeserver import FakeOpenAIServer
 
 from .conftest import add_preset, make_project
 
 STOP = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]
+EVALPLUS = Convention("evalplus", "humaneval")
+HE = {p["task_id"]: p for p in load_problems(0)}
 SMOL = load_preset("smollm2-135m-instruct", REPO_ROOT / "configs")
 
 
@@ -152,11 +156,50 @@ def test_seeds_subsets_scores_and_flags():
     assert not any("exactly" in f for f in sanity_flags("base", 0.0, 5, zero))  # a tiny run is not flagged
 
 
-def test_canonical_solutions_pass_the_execution_path():
+@pytest.mark.parametrize("harness", ["evalplus", "bigcode"])
+def test_canonical_solutions_pass_the_execution_path(harness):
     problems = load_problems(0)
     with Sandbox(SandboxConfig()) as sandbox:
-        rate, failing = evaluate.self_check(problems, sandbox)
-    assert rate == 1.0 and failing == []
+        rate, failing, seconds = evaluate.self_check(problems, sandbox, Convention(harness, "humaneval"))
+    assert rate == 1.0 and failing == [] and set(seconds) == {p["task_id"] for p in problems}
+
+
+def test_evalplus_sanitizer_keeps_the_function_and_drops_the_model_s_own_tests():
+    """The teacher's failure mode on HumanEval: its own example calls and asserts after the function."""
+    answer = ("Here is the function:\n```python\nimport math\nfrom typing import List\n\nSCALE = 2\n\n"
+              "def helper(x):\n    return x * SCALE\n\ndef truncate_number(number: float) -> float:\n"
+              "    return number % 1.0 + helper(0)\n\ndef unused():\n    return 3\n\n"
+              "print(truncate_number(3.5))\nassert truncate_number(4.999) == 0.999\n```\nIt works.")
+    out = sanitize(answer, "truncate_number")
+    assert out == ("import math\nfrom typing import List\nSCALE = 2\ndef helper(x):\n    return x * SCALE\n"
+                   "def truncate_number(number: float) -> float:\n    return number % 1.0 + helper(0)")
+    # A function without a return, a decorated one, and a repeated name: EvalPlus drops them / keeps the first.
+    code = "def f():\n    pass\n@cache\ndef g():\n    return 1\ndef h():\n    return 1\ndef h():\n    return 2\n"
+    assert sanitize(code, None) == "def h():\n    return 1"
+    # Nothing to keep: the code as extracted (the longest run of lines that parses).
+    assert sanitize("Sorry, I cannot.\nx = (\n", "f") == "Sorry, I cannot."
+    # The prompt's helpers that HumanEval's check calls come first; none for most problems.
+    he = {p["task_id"]: p for p in load_problems(0)}
+    assert "def encode_shift" in support_for(he["HumanEval/50"]) and support_for(he["HumanEval/0"]) == ""
+    program = EVALPLUS.program(he["HumanEval/2"], "    return number % 1.0\n\nprint(truncate_number(3.5))\n"
+                               "assert truncate_number(1.5) == 7\n", chat=False)
+    assert program.endswith("return number % 1.0") and "assert" not in program and "print" not in program
+    with Sandbox(SandboxConfig()) as sandbox:
+        [v] = sandbox.run([evaluate.Job(program, test=he["HumanEval/2"]["test"], entry_point="truncate_number")])
+        [raw] = sandbox.run([evaluate.Job.humaneval(he["HumanEval/2"], "    return number % 1.0\n\n"
+                                                    "assert truncate_number(1.5) == 7\n")])
+    assert v.passed and raw.status == "failed"  # the same completion, failed by its own assert without the sanitizer
+
+
+def test_harness_conventions():
+    bigcode = Convention("bigcode", "humaneval")
+    assert "\nassert " in EVALPLUS.stop([]) and "\nif __name__" in EVALPLUS.stop([]) and "\nif" not in EVALPLUS.stop([])
+    assert "\n#" in bigcode.stop([]) and bigcode.stop(["\n#", "<eot>"]) == bigcode.stop([]) + ["<eot>"]
+    assert Convention("evalplus", "mbpp").stop([])[-2:] == ['\n"""', "\nassert"]
+    assert EVALPLUS.base_prompt("\ndef f():\n    \"\"\"x\"\"\"\n\n") == 'def f():\n    """x"""\n'
+    assert bigcode.base_prompt("def f():\n") == "def f():"
+    assert EVALPLUS.time_limit(0.1, 3.0) == 4.0 and EVALPLUS.time_limit(2.0, 3.0) == 8.0
+    assert bigcode.time_limit(2.0, 3.0) == 3.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,7 +278,9 @@ def test_stage_with_real_llamacpp_adapter_and_chat_teacher(tmp_path, monkeypatch
         assert [(r["task_id"], r["sample"]) for r in rows] == [(f"HumanEval/{i}", 0) for i in range(3)]
         assert all(r["subset"] == "first 3 of 164" and r["status"] in ("passed", "failed", "timeout") for r in rows)
         assert he[m]["pass@1"] == pytest.approx(sum(r["passed"] for r in rows) / 3)
-        assert all(truncate_at_stop(r["completion"], STOP) == r["completion"] for r in rows if m != "teacher")
+        stops = EVALPLUS.stop([])
+        assert all(truncate_at_stop(r["completion"], stops) == r["completion"] for r in rows if m != "teacher")
+        assert all(r["program"] == EVALPLUS.program(HE[r["task_id"]], r["completion"], m == "teacher") for r in rows)
     assert he["delta"]["pass@1"] == pytest.approx(he["finetuned"]["pass@1"] - he["base"]["pass@1"])
     # Each phase against the model before it, paired on the same problems.
     assert he["phases"]["pretrain"]["pass@1"] == pytest.approx(he["pretrained"]["pass@1"] - he["base"]["pass@1"])
@@ -293,9 +338,8 @@ def test_broken_harness_fails_before_generating(tmp_path, monkeypatch):
     project = eval_project(tmp_path, "smollm2-135m-instruct", problems=4, models=["base"])
 
     class BrokenJob(evaluate.Job):
-        @classmethod
-        def humaneval(cls, problem, completion, job_id=""):
-            return super().humaneval(problem, "", job_id)  # the completion never reaches the program
+        def source(self):
+            return self.test + "\ncheck(lambda *a: None)"  # the program never reaches the tests
 
     monkeypatch.setattr(evaluate, "Job", BrokenJob)
     monkeypatch.setattr(evaluate, "serve", _no_server)

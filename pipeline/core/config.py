@@ -574,7 +574,11 @@ class EvaluateConfig:
     top_p: float = opt(0.95, help="Nucleus mass when sampling.")
     ks: list[int] = opt([1], help="k values for pass@k (each <= n_samples).")
     max_tokens: int = opt(384, help="Completion token cap.")
-    stop: list[str] = opt(["\ndef", "\nclass", "\nif", "\nprint", "\n#"], help="Stop sequences (the standard HumanEval set).")
+    harness: Literal["evalplus", "bigcode"] = opt(
+        "evalplus", help="Evaluation convention, named in every report: evalplus (EvalPlus's prompts, stop strings, "
+        "sanitizer and time limits) or bigcode (bigcode-evaluation-harness's stop strings, prompt + completion run "
+        "as is); pipeline/stages/evaluate/harness.py.")
+    stop: list[str] = opt([], help="Stop sequences added to the harness's own (base models).")
     engine: Literal["auto", "llamacpp", "vllm", "transformers"] = opt(
         "auto", help="auto: the student preset's engine (llama.cpp for GGUF, vLLM for HF ids), transformers as fallback.")
     client: ClientConfig = opt(dataclasses.MISSING, default_factory=lambda: ClientConfig(length_retries=0),

