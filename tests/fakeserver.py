@@ -57,6 +57,8 @@ class FakeState:
     # asserts whose expected value is off by one; a repair turn (a second user message) answers
     # the same function with correct asserts only. The function follows the first user message.
     wrong_asserts: int = 0
+    # Fixed answers: the text of the first key found in the prompt (or the last user turn).
+    answers: dict[str, str] = field(default_factory=dict)
     attempts: Counter = field(default_factory=Counter)  # body hash -> attempts seen
     successes: Counter = field(default_factory=Counter)  # body hash -> 200 answers sent
     injected: Counter = field(default_factory=Counter)  # fault -> count
@@ -78,7 +80,8 @@ def _answer_text(prompt: str, digest: str, wrong: int = 0) -> str:
             + "```\n")
 
 
-def _completion_body(req: dict, digest: str, finish_reason: str, chat: bool, wrong_asserts: int = 0) -> dict:
+def _completion_body(req: dict, digest: str, finish_reason: str, chat: bool, wrong_asserts: int = 0,
+                     answers: dict[str, str] | None = None) -> dict:
     wrong = 0
     if chat:
         prompt = str((req.get("messages") or [{}])[-1].get("content", ""))  # the user turn decides the kind
@@ -88,7 +91,7 @@ def _completion_body(req: dict, digest: str, finish_reason: str, chat: bool, wro
             wrong = wrong_asserts if len(users) == 1 and int(digest[14:16], 16) % 2 == 0 else 0
     else:
         prompt = str(req.get("prompt", ""))
-    text = _answer_text(prompt, digest, wrong)
+    text = next((a for k, a in (answers or {}).items() if k in prompt), None) or _answer_text(prompt, digest, wrong)
     if finish_reason == "loop" and text.endswith("```\n"):
         last = text[:-4].splitlines()[-1]
         text = text[:-4] + (last + "\n") * 6 + last[: len(last) // 2]
@@ -213,7 +216,7 @@ class FakeOpenAIServer:
         finish = fault if fault in ("length", "loop") else "stop"
         if finish == "stop":
             st.successes[digest] += 1
-        return _json(json.dumps(_completion_body(req, digest, finish, chat, st.wrong_asserts)).encode())
+        return _json(json.dumps(_completion_body(req, digest, finish, chat, st.wrong_asserts, st.answers)).encode())
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()

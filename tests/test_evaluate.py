@@ -391,6 +391,8 @@ def test_vllm_serves_base_and_adapter_from_one_server_with_sampling(tmp_path, mo
     assert calls[0][1] == {"lora_modules": {ft_model: "data/finetune/adapter"}, "max_lora_rank": 8}
     assert ft_model.startswith("tiny-vllm-lora-") and per["models"]["finetuned"]["engine"] == "vllm"
     assert {"pass@1", "pass@2"} <= set(he["base"]) and "pass@2" in he["delta"] and he["samples_per_problem"] == 3
+    # Sampled: each pass@k gets a bootstrap interval over problems.
+    assert he["base"]["interval"].startswith("bootstrap") and he["base"]["pass@2_ci95_low"] <= he["base"]["pass@2"]
     rows = read(project, "samples_base.jsonl")
     assert [r["sample"] for r in rows] == [0, 1, 2] * 3 and all(r["passed"] is False for r in rows)
 
@@ -443,3 +445,71 @@ def test_transformers_fallback_with_peft_adapter(tmp_path, monkeypatch):
     assert run(project)["humaneval"]["base"]["cache_hits"] == 2
     # Phase 1 off (the default): the default evaluate.models skips 'pretrained', its samples file stays empty.
     assert "pretrained" not in he and "phases" not in he and read(project, "samples_pretrained.jsonl") == []
+
+
+# ---------------------------------------------------------------------------------------
+# HumanEval+, MBPP, MBPP+ (EvalPlus's format, fixture files)
+# ---------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "data"
+PLUS_PATHS = (f"evaluate.humaneval_plus_path={FIXTURES / 'HumanEvalPlus-fixture.jsonl.gz'}",
+              f"evaluate.mbpp_plus_path={FIXTURES / 'MbppPlus-fixture.jsonl'}")
+# Right on the original inputs but not on EvalPlus's extra ones (an empty list, n = 1), right, and wrong.
+ANSWERS = {
+    "has_close_elements": "    first = numbers[0]\n    return any(abs(a - b) < threshold for i, a in enumerate(numbers)"
+                          " for j, b in enumerate(numbers) if i != j)\n",
+    "truncate_number": "    return number % 1.0\n\nprint(truncate_number(3.5))\nassert truncate_number(1.5) == 7\n",
+    "find_zero": "    return 0.0\n",
+    "similar_elements": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
+    "is_not_prime": "def is_not_prime(n):\n    for i in range(2, n):\n        if n % i == 0:\n            return True\n"
+                    "    return False\n",
+    "heap_queue_largest": "def heap_queue_largest(nums, n):\n    return sorted(nums)[:n]\n",
+}
+
+
+def test_four_benchmarks_end_to_end_on_fixtures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with FakeOpenAIServer(answers=ANSWERS) as srv:
+        project = eval_project(tmp_path, "remote-base", problems=3, models=["base"],
+                               benchmarks=["humaneval", "humaneval+", "mbpp", "mbpp+"])
+        add_preset(project, "remote-base", engine="remote", model="m", api="completions", base_url=srv.base_url)
+        metrics = run(project, *PLUS_PATHS)
+        # HumanEval+ asks exactly what HumanEval asks (its fixture: problems 0, 2, 32; HumanEval's first 3:
+        # 0, 1, 2), and MBPP+ what MBPP asks: each distinct request is sent once.
+        assert srv.state.requests == 4 + 3
+    got = {b: metrics[b]["base"]["pass@1"] for b in ("humaneval", "humaneval+", "mbpp", "mbpp+")}
+    assert got == pytest.approx({"humaneval": 2 / 3, "humaneval+": 1 / 3, "mbpp": 2 / 3, "mbpp+": 1 / 3})
+    assert metrics["humaneval"]["harness"] == "evalplus" and metrics["mbpp+"]["benchmark"] == "MBPP+"
+    assert metrics["mbpp"]["subset"] == "all 3" and metrics["humaneval"]["subset"] == "first 3 of 164"
+    assert metrics["humaneval+"]["source"]["sha256"] and metrics["humaneval"]["benchmarks"][-1] == "mbpp+"
+    rows = read(project, "samples_base.jsonl")
+    assert [r["benchmark"] for r in rows] == ["humaneval"] * 3 + ["humaneval+"] * 3 + ["mbpp"] * 3 + ["mbpp+"] * 3
+    by = {(r["benchmark"], r["task_id"]): r for r in rows}
+    assert "print" not in by["humaneval", "HumanEval/2"]["program"]  # cut at the stop string, then sanitized
+    assert by["mbpp+", "Mbpp/3"]["status"] == "failed" and by["mbpp", "Mbpp/3"]["passed"]
+    per = read(project, "per_problem.json")
+    assert [r["task_id"] for r in per["benchmarks"]["mbpp+"]["results"]] == ["Mbpp/2", "Mbpp/3", "Mbpp/4"]
+
+
+def test_benchmark_data_errors_name_the_key_and_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = eval_project(tmp_path, "smollm2-135m-instruct", problems=2, models=["base"],
+                           benchmarks=["humaneval", "mbpp"])
+    with pytest.raises(ConfigError, match="evaluate.mbpp_plus_path: .*nowhere.jsonl does not exist"):
+        run(project, "evaluate.mbpp_plus_path=nowhere.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "Mbpp/2", "prompt": ""}\n')
+    with pytest.raises(ConfigError, match="line 1 \\(Mbpp/2\\) lacks entry_point"):
+        run(project, f"evaluate.mbpp_plus_path={bad}")
+    with pytest.raises(ConfigError, match="evaluate.benchmarks: must list humaneval"):
+        run(project, "evaluate.benchmarks=[mbpp]")
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
+    from pipeline.core.passk import bootstrap_interval
+
+    values = [1.0] * 30 + [0.0] * 70 + [0.5] * 20
+    lo, hi = bootstrap_interval(values)
+    mean = sum(values) / len(values)
+    assert lo < mean < hi and hi - lo < 0.2 and bootstrap_interval(values) == (lo, hi)
+    assert bootstrap_interval([0.0] * 10) == (0.0, 0.0) and bootstrap_interval([]) == (0.0, 1.0)

@@ -113,6 +113,25 @@ def test_each_phase_gets_its_row_and_its_paired_test(tmp_path, monkeypatch):
     assert "p = 0.5;" in md and "| **ours: after pretrain (phase 1)** |" in md
 
 
+def test_mbpp_fills_its_column_and_benchmarks_not_run_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path)
+    report(project)
+    md = (tmp_path / "eval/report.md").read_text()
+    assert "Not run here: HumanEval+, MBPP, MBPP+" in md and "| not run |" in md
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    he = metrics["humaneval"]
+    metrics["mbpp"] = {"benchmark": "MBPP", "problems": 378, "subset": "all 378",
+                       **{m: {**he[m], "pass@1": 0.125, "problems_solved": 47} for m in ("base", "finetuned")},
+                       "delta": {**he["delta"], "pass@1": 0.0, "p_value": 1.0}}
+    _write(tmp_path / "eval/metrics.json", metrics)
+    report(project)
+    md = (tmp_path / "eval/report.md").read_text()
+    assert "Not run here: HumanEval+, MBPP+" in md and "### Other benchmarks" in md
+    assert _row(md, "**ours: base**")[3] == "12.5"  # the MBPP column of the comparison
+    assert "| MBPP | base | 12.5 |" in md and "47 of 378" in md
+
+
 def test_report_sections_numbers_and_determinism(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     project = fixture_run(tmp_path)

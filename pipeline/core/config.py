@@ -579,6 +579,12 @@ class EvaluateConfig:
         "sanitizer and time limits) or bigcode (bigcode-evaluation-harness's stop strings, prompt + completion run "
         "as is); pipeline/stages/evaluate/harness.py.")
     stop: list[str] = opt([], help="Stop sequences added to the harness's own (base models).")
+    benchmarks: list[str] = opt(["humaneval"], help="Benchmarks to run: humaneval (always; the headline), humaneval+, "
+                                "mbpp, mbpp+ (EvalPlus's data sets, read from the paths below).")
+    humaneval_plus_path: str = opt("", help="EvalPlus's HumanEvalPlus-v0.1.10.jsonl.gz for humaneval+; empty = the "
+                                   "file the evalplus package downloads (network).")
+    mbpp_plus_path: str = opt("", help="EvalPlus's MbppPlus-v0.2.0.jsonl.gz for mbpp and mbpp+; empty = the file the "
+                              "evalplus package downloads (network).")
     engine: Literal["auto", "llamacpp", "vllm", "transformers"] = opt(
         "auto", help="auto: the student preset's engine (llama.cpp for GGUF, vLLM for HF ids), transformers as fallback.")
     client: ClientConfig = opt(dataclasses.MISSING, default_factory=lambda: ClientConfig(length_retries=0),
@@ -591,6 +597,12 @@ class EvaluateConfig:
         check(self.problems >= 0, "evaluate.problems", f"must be >= 0, got {self.problems}")
         check(self.n_samples >= 1, "evaluate.n_samples", f"must be >= 1, got {self.n_samples}")
         check(all(1 <= k <= self.n_samples for k in self.ks), "evaluate.ks", f"each k must be in [1, n_samples={self.n_samples}]")
+        from pipeline.core.humaneval import BENCHMARK_LABELS
+
+        known = tuple(BENCHMARK_LABELS)
+        check("humaneval" in self.benchmarks and set(self.benchmarks) <= set(known)
+              and len(set(self.benchmarks)) == len(self.benchmarks), "evaluate.benchmarks",
+              f"must list humaneval and any of {', '.join(known[1:])}, each once; got {self.benchmarks}")
         allowed = {"base", "pretrained", "finetuned", "teacher"}
         check(bool(self.models) and set(self.models) <= allowed, "evaluate.models", f"must be a non-empty subset of {sorted(allowed)}")
         check(0 <= self.temperature <= 2, "evaluate.temperature", f"must be in [0, 2], got {self.temperature}")

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 HUMANEVAL_TOTAL = 164
+# The benchmarks the evaluate stage can run (pipeline/stages/evaluate/benchmarks.py), as reports name them.
+BENCHMARK_LABELS = {"humaneval": "HumanEval", "humaneval+": "HumanEval+", "mbpp": "MBPP", "mbpp+": "MBPP+"}
 
 
 def task_number(task_id: str) -> int:

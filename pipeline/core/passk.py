@@ -8,6 +8,8 @@
   problems (a subset, a tiny model) it stays inside [0, 1] and is not degenerate at 0 or 1.
   Hand-written: scipy's ``binomtest(...).proportion_ci(method="wilson")`` takes only integer
   successes, and ours are fractional (a mean pass@1 times the problems).
+- ``bootstrap_interval(values)``: the 95% percentile bootstrap interval of a mean over problems
+  (seeded), for pass@k from n > 1 samples, where each problem's estimate is a fraction;
 - ``paired_delta(base, other)``: finetuned - base on the same problems, with a 95% interval
   and a p-value (exact McNemar, ``scipy.stats.binomtest``, when each problem is a single
   pass/fail), so a report can say whether a delta is within noise.
@@ -56,6 +58,18 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     # Exact ends at 0 and n (rounding would otherwise leave 0.9999999999999999).
     return (0.0 if successes <= 0 else max(0.0, centre - half), 1.0 if successes >= n else min(1.0, centre + half))
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of per-problem values (problems resampled, seeded)."""
+    import numpy as np
+
+    if not values:
+        return (0.0, 1.0)
+    arr = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def paired_delta(base: Sequence[float], other: Sequence[float], z: float = Z95) -> dict:

@@ -62,8 +62,14 @@ from pipeline.core.config import (
     engine_version,
     load_preset,
 )
-from pipeline.core.humaneval import HUMANEVAL_TOTAL, load_problems, subset_label
-from pipeline.core.passk import mean_pass_at_k, paired_delta, wilson_interval
+from pipeline.core.humaneval import load_problems, subset_label  # noqa: F401
+from pipeline.core.passk import (
+    bootstrap_interval,
+    estimate_pass_at_k,
+    mean_pass_at_k,
+    paired_delta,
+    wilson_interval,
+)
 from pipeline.core.records import sha256_file, sha256_text, sha256_tree, write_json, write_jsonl
 from pipeline.core.schema import chat_messages
 from pipeline.core.stage import stage_cli, write_resolved_config
@@ -78,6 +84,7 @@ from pipeline.engines.llm import (
 )
 from pipeline.engines.servers import serve
 from pipeline.sandbox import Job, Sandbox, Verdict
+from pipeline.stages.evaluate.benchmarks import INFO, load_benchmark
 from pipeline.stages.evaluate.harness import Convention, completion_from_chat, truncate_at_stop  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -228,22 +235,18 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
     return targets
 
 
-def convention(ev: EvaluateConfig) -> Convention:
-    return Convention(ev.harness, "humaneval")
-
-
-def build_requests(target: Target, problems: list[dict], ev: EvaluateConfig, run_seed: int) -> list[LLMRequest]:
+def build_requests(target: Target, bench: Bench, ev: EvaluateConfig, run_seed: int) -> list[LLMRequest]:
     """One request per (problem, sample), each with its own seed: n=1 works on every engine."""
     chat = target.preset.api == "chat"
-    conv = convention(ev)
+    conv = bench.conv
     out = []
-    for p in problems:
+    for p in bench.problems:
         for i in range(ev.n_samples):
             params = {"temperature": ev.temperature, "top_p": ev.top_p, "max_tokens": ev.max_tokens,
                       # Stop sequences would cut a chat answer inside its code block ("\ndef").
                       "stop": None if chat else conv.stop(ev.stop), "n": 1,
                       "seed": sample_seed(run_seed, ev.seed, p["task_id"], i)}
-            rid = f"{p['task_id']}#{i}"
+            rid = bench.request_id(p["task_id"], i)
             if chat:
                 out.append(LLMRequest(rid, messages=chat_messages(p["prompt"]), params=params))
             else:
@@ -454,21 +457,20 @@ def self_check(problems: list[dict], sandbox: Sandbox, conv: Convention) -> tupl
     return 1 - len(failing) / max(1, len(problems)), failing, times
 
 
-def completions_for(target: Target, problems: dict[str, dict], requests: list[LLMRequest],
-                    results: dict[str, LLMResult], ev: EvaluateConfig) -> list[dict]:
+def completions_for(target: Target, bench: Bench, requests: list[LLMRequest], results: dict[str, LLMResult],
+                    ev: EvaluateConfig) -> list[dict]:
     """Post-processed samples, in task then sample order: the completion (a base model's cut at the stop
     sequences, a chat model's answer) and the program the harness runs before the tests."""
-    conv = convention(ev)
     chat = target.preset.api == "chat"
-    stop = conv.stop(ev.stop)
+    stop, problems = bench.conv.stop(ev.stop), bench.by_id
     rows = []
     for r in requests:
         res = results[r.id]
-        task_id, i = r.id.rsplit("#", 1)
+        task_id, i = r.id.split("|")[-1].rsplit("#", 1)
         raw = res.choices[0]["text"]
         completion = raw if chat else truncate_at_stop(raw, stop)
-        rows.append({"task_id": task_id, "sample": int(i), "completion": completion,
-                     "program": conv.program(problems[task_id], completion, chat),
+        rows.append({"benchmark": bench.name, "task_id": task_id, "sample": int(i), "completion": completion,
+                     "program": bench.conv.program(problems[task_id], completion, chat),
                      "finish_reason": res.choices[0].get("finish_reason")})
     return rows
 
@@ -512,7 +514,16 @@ def model_metrics(rows: list[dict], ids: list[str], ev: EvaluateConfig, gen: Gen
     per, passk = score(rows, ids, ev.ks)
     # With several samples the unit is still the problem: the interval is over len(ids), not the samples.
     lo, hi = wilson_interval(passk["pass@1"] * len(ids), len(ids))
-    return per, {**{k: _r(v) for k, v in passk.items()}, "pass@1_ci95_low": _r(lo), "pass@1_ci95_high": _r(hi),
+    intervals = {"pass@1_ci95_low": _r(lo), "pass@1_ci95_high": _r(hi)}
+    if ev.n_samples > 1:  # per-problem estimates are fractions: a bootstrap over problems, for every k
+        for key, value in passk.items():
+            k = int(key.split("@")[1])
+            if value is None:
+                continue
+            blo, bhi = bootstrap_interval([estimate_pass_at_k(v["n"], v["c"], k) for v in per.values()], seed=ev.seed)
+            intervals.update({f"{key}_ci95_low": _r(blo), f"{key}_ci95_high": _r(bhi)})
+        intervals["interval"] = "bootstrap over problems (2000 resamples)"
+    return per, {**{k: _r(v) for k, v in passk.items()}, **intervals,
                  "passed_samples": sum(v["c"] for v in per.values()),
                  "problems_solved": sum(v["c"] > 0 for v in per.values()),
                  "empty_completions": sum(not r["completion"].strip() for r in rows),
@@ -544,15 +555,105 @@ def _timer(into: dict, key: str) -> Iterator[None]:
         into[key] = round(time.monotonic() - t0, 3)
 
 
+@dataclass
+class Bench:
+    """One benchmark of the run: its problems (the evaluated subset), convention and reference timings."""
+
+    name: str
+    problems: list[dict]
+    total: int
+    conv: Convention
+    reference_s: dict[str, float] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def by_id(self) -> dict[str, dict]:
+        return {p["task_id"]: p for p in self.problems}
+
+    @property
+    def subset(self) -> str:
+        return subset_label(len(self.problems), self.total)
+
+    def request_id(self, task_id: str, sample: int) -> str:
+        # HumanEval keeps its plain ids (and its cache keys); the others are prefixed.
+        return f"{task_id}#{sample}" if self.name == "humaneval" else f"{self.name}|{task_id}#{sample}"
+
+
+def load_benches(ev: EvaluateConfig) -> list[Bench]:
+    paths = {"evaluate.humaneval_plus_path": ev.humaneval_plus_path, "evaluate.mbpp_plus_path": ev.mbpp_plus_path}
+    benches = []
+    for name in ev.benchmarks:
+        problems = load_benchmark(name, paths)
+        info = INFO[name]
+        source = {}
+        if problems and problems[0].get("source_file"):
+            source = {"file": problems[0]["source_file"], "sha256": sha256_file(Path(problems[0]["source_file"]))}
+        benches.append(Bench(name, problems[:ev.problems] if ev.problems else problems, len(problems),
+                             Convention(ev.harness, info.family), source=source))
+    return benches
+
+
+def unique_requests(requests: list[LLMRequest]) -> tuple[list[LLMRequest], dict[str, str]]:
+    """The distinct requests (HumanEval+ asks what HumanEval asks), and each id's representative id."""
+    first: dict[str, str] = {}
+    alias, out = {}, []
+    for r in requests:
+        key = json.dumps([r.prompt, r.messages, r.params], sort_keys=True)
+        if key not in first:
+            first[key] = r.id
+            out.append(r)
+        alias[r.id] = first[key]
+    return out, alias
+
+
+def execute(bench: Bench, targets: list[Target], samples: dict[str, list[dict]], ev: EvaluateConfig,
+            sandbox: Sandbox, progress: bool) -> dict[str, float]:
+    """Run every sample's program before its problem's tests; the verdicts go into the rows. Seconds per model."""
+    by_id, seconds = bench.by_id, {}
+    for t in targets:
+        rows = samples[t.name]
+        t0 = time.monotonic()
+        jobs = [Job(r["program"], test=by_id[r["task_id"]]["test"], entry_point=by_id[r["task_id"]]["entry_point"],
+                    job_id=f"{t.name}:{bench.name}:{r['task_id']}#{r['sample']}",
+                    timeout_s=bench.conv.time_limit(bench.reference_s[r["task_id"]], ev.sandbox.timeout_s))
+                for r in rows]
+        verdicts = sandbox.run(jobs, progress=progress)
+        seconds[t.name] = time.monotonic() - t0
+        for row, v in zip(rows, verdicts, strict=True):
+            row.update(passed=v.passed, status=v.status, error=verdict_error(v), subset=bench.subset)
+    return seconds
+
+
+def bench_metrics(bench: Bench, targets: list[Target], samples: dict[str, list[dict]], ev: EvaluateConfig,
+                  gen_stats: dict[str, GenerationStats], exec_s: dict[str, float]
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, dict]], list[str]]:
+    """(the benchmark's metrics, per-problem results per model, sanity flags)."""
+    ids = [p["task_id"] for p in bench.problems]
+    out: dict[str, Any] = {"benchmark": INFO[bench.name].label, "harness": ev.harness, "problems": len(ids),
+                           "problems_total": bench.total, "subset": bench.subset,
+                           "samples_per_problem": ev.n_samples, "temperature": ev.temperature, "top_p": ev.top_p,
+                           "max_tokens": ev.max_tokens, **({"source": bench.source} if bench.source else {})}
+    per_problem: dict[str, dict[str, dict]] = {}
+    flags: list[str] = []
+    for t in targets:
+        rows = samples[t.name]
+        per_problem[t.name], out[t.name] = model_metrics(rows, ids, ev, gen_stats[t.name], exec_s[t.name])
+        flags += [f"{bench.name}: {f}" for f in sanity_flags(t.name, out[t.name]["pass@1"], len(ids), rows)]
+    if "base" in per_problem and "finetuned" in per_problem:
+        out["delta"] = delta_metrics(out["base"], out["finetuned"], per_problem["base"], per_problem["finetuned"])
+    if "pretrained" in per_problem:  # each phase against the model before it, paired on the same problems
+        steps = {"pretrain": ("base", "pretrained"), "finetune": ("pretrained", "finetuned")}
+        out["phases"] = {step: delta_metrics(out[a], out[b], per_problem[a], per_problem[b])
+                         for step, (a, b) in steps.items() if a in per_problem and b in per_problem}
+    return out, per_problem, flags
+
+
 def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict:
     """The stage's core: returns the metrics (also written to metrics.json). Raises EvaluationError."""
     ev = cfg.evaluate
     t_start = time.monotonic()
     root = configs_dir(config_path)
-    problems = load_problems(ev.problems)
-    by_id = {p["task_id"]: p for p in problems}
-    ids = list(by_id)
-    subset = subset_label(len(problems))
+    benches = load_benches(ev)
     targets = resolve_targets(cfg, root)
     out_dir = Path(ev.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -560,76 +661,68 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     timing: dict[str, float] = {}
 
     # A harness that cannot pass the reference solutions would score every model 0: stop before generating.
-    conv = convention(ev)
     with Sandbox(ev.sandbox) as sandbox, _timer(timing, "self_check_s"):
-        canonical_rate, failing, reference_s = self_check(problems, sandbox, conv)
+        checks = {b.name: self_check(b.problems, sandbox, b.conv) for b in benches}
         isolation = sandbox.isolation
-    if failing:
-        raise EvaluationError(f"self-check: {len(failing)} of {len(problems)} canonical solutions did not pass "
-                              f"through the execution path: {', '.join(failing[:10])}; the harness is broken")
+    for b in benches:
+        rate, failing, b.reference_s = checks[b.name]
+        if failing:
+            raise EvaluationError(f"self-check: {len(failing)} of {len(b.problems)} canonical solutions of "
+                                  f"{INFO[b.name].label} did not pass through the execution path: "
+                                  f"{', '.join(failing[:10])}; the harness is broken")
 
-    requests = {t.name: build_requests(t, problems, ev, cfg.seed) for t in targets}
+    per_bench = {(t.name, b.name): build_requests(t, b, ev, cfg.seed) for t in targets for b in benches}
+    requests = {t.name: [r for b in benches for r in per_bench[t.name, b.name]] for t in targets}
+    unique = {t.name: unique_requests(requests[t.name]) for t in targets}
     cache = RequestCache(cfg.evaluate.cache_path)
     try:
         with _timer(timing, "generation_s"):
-            results, gen_stats = generate_all(targets, requests, client_config(cfg), cache, progress)
+            sent, gen_stats = generate_all(targets, {n: u[0] for n, u in unique.items()}, client_config(cfg), cache,
+                                           progress)
     finally:
         cache.close()
-    failed = [(t.name, r.id, r.error) for t in targets for r in results[t.name].values() if not r.ok]
+    failed = [(t.name, r.id, r.error) for t in targets for r in sent[t.name].values() if not r.ok]
     if failed:
         raise EvaluationError(f"{len(failed)} request(s) failed after all retries (e.g. {failed[:3]}); a failed "
                               "request is not a wrong answer: fix the server and re-run (finished ones are cached)")
+    results = {t.name: {rid: sent[t.name][rep] for rid, rep in unique[t.name][1].items()} for t in targets}
 
-    samples = {t.name: completions_for(t, by_id, requests[t.name], results[t.name], ev) for t in targets}
-    exec_s: dict[str, float] = {}
-    with Sandbox(ev.sandbox) as sandbox, _timer(timing, "execution_s"):
-        for t in targets:
-            rows = samples[t.name]
-            t0 = time.monotonic()
-            jobs = [Job(r["program"], test=by_id[r["task_id"]]["test"], entry_point=by_id[r["task_id"]]["entry_point"],
-                        job_id=f"{t.name}:{r['task_id']}#{r['sample']}",
-                        timeout_s=conv.time_limit(reference_s[r["task_id"]], ev.sandbox.timeout_s)) for r in rows]
-            verdicts = sandbox.run(jobs, progress=progress)
-            exec_s[t.name] = time.monotonic() - t0
-            for row, v in zip(rows, verdicts, strict=True):
-                row.update(passed=v.passed, status=v.status, error=verdict_error(v), subset=subset)
-
-    per_problem: dict[str, dict[str, dict]] = {}
-    # The model names are metrics too, so `dvc exp show` and `dvc metrics diff` say which student each row is.
-    humaneval: dict[str, Any] = {"harness": ev.harness,
-                                 "presets": {"student": cfg.finetune.student, "teacher": cfg.generate.teacher},
-                                 "problems": len(problems), "problems_total": HUMANEVAL_TOTAL, "subset": subset,
-                                 "samples_per_problem": ev.n_samples, "temperature": ev.temperature,
-                                 "top_p": ev.top_p, "max_tokens": ev.max_tokens}
+    metrics: dict[str, Any] = {}
     flags: list[str] = []
+    all_samples: dict[str, list[dict]] = {t.name: [] for t in targets}
+    per_problem_files: dict[str, dict] = {}
+    with Sandbox(ev.sandbox) as sandbox, _timer(timing, "execution_s"):
+        for b in benches:
+            samples = {t.name: completions_for(t, b, per_bench[t.name, b.name], results[t.name], ev) for t in targets}
+            exec_s = execute(b, targets, samples, ev, sandbox, progress)
+            metrics[b.name], per_problem, bench_flags = bench_metrics(b, targets, samples, ev, gen_stats, exec_s)
+            flags += bench_flags
+            for t in targets:
+                all_samples[t.name] += samples[t.name]
+            per_problem_files[b.name] = {
+                "benchmark": INFO[b.name].label, "subset": b.subset, "problems": len(b.problems),
+                "results": [{"task_id": p["task_id"], **{m: per_problem[m][p["task_id"]] for m in per_problem}}
+                            for p in b.problems]}
+    he = metrics["humaneval"]
+    he["presets"] = {"student": cfg.finetune.student, "teacher": cfg.generate.teacher}
+    he["benchmarks"] = list(ev.benchmarks)
     for t in targets:
-        rows = samples[t.name]
-        per_problem[t.name], humaneval[t.name] = model_metrics(rows, ids, ev, gen_stats[t.name], exec_s[t.name])
-        write_jsonl(out_dir / f"samples_{t.name}.jsonl", rows, sort_key=None)
-        flags += sanity_flags(t.name, humaneval[t.name]["pass@1"], len(ids), rows)
-    if "base" in per_problem and "finetuned" in per_problem:
-        humaneval["delta"] = delta_metrics(humaneval["base"], humaneval["finetuned"], per_problem["base"],
-                                           per_problem["finetuned"])
-    if "pretrained" in per_problem:  # each phase against the model before it, paired on the same problems
-        steps = {"pretrain": ("base", "pretrained"), "finetune": ("pretrained", "finetuned")}
-        humaneval["phases"] = {step: delta_metrics(humaneval[a], humaneval[b], per_problem[a], per_problem[b])
-                               for step, (a, b) in steps.items() if a in per_problem and b in per_problem}
+        write_jsonl(out_dir / f"samples_{t.name}.jsonl", all_samples[t.name], sort_key=None)
     for name in ("pretrained",):  # a declared DVC output, empty when the phase is off
-        if name not in per_problem:
+        if name not in all_samples:
             write_jsonl(out_dir / f"samples_{name}.jsonl", [], sort_key=None)
-    errors = sum(r["status"] == "error" for rows in samples.values() for r in rows)
-    humaneval["sanity"] = {"canonical_pass_rate": canonical_rate, "failed_requests": 0, "harness_errors": errors,
-                           "isolation": isolation, "flags": flags}
-    humaneval["timing"] = {**timing, "wall_s": round(time.monotonic() - t_start, 3)}
-    metrics = {"humaneval": humaneval}
+    errors = sum(r["status"] == "error" for rows in all_samples.values() for r in rows)
+    he["sanity"] = {"canonical_pass_rate": min(checks[b.name][0] for b in benches), "failed_requests": 0,
+                    "harness_errors": errors, "isolation": isolation, "flags": flags}
+    he["timing"] = {**timing, "wall_s": round(time.monotonic() - t_start, 3)}
+    first = per_problem_files.pop("humaneval")
     write_json(out_dir / "per_problem.json", {
-        "benchmark": "HumanEval", "subset": subset, "problems": len(ids), "samples_per_problem": ev.n_samples,
-        "models": {t.name: t.describe() for t in targets},
-        "results": [{"task_id": i, **{name: per_problem[name][i] for name in per_problem}} for i in ids]})
+        **first, "samples_per_problem": ev.n_samples, "models": {t.name: t.describe() for t in targets},
+        **({"benchmarks": per_problem_files} if per_problem_files else {})})
     write_json(out_dir / "metrics.json", metrics)
     for flag in flags:
         log.warning("SANITY FLAG: %s", flag)
-    log.info("evaluate (%s): %s", subset, {t.name: humaneval[t.name]["pass@1"] for t in targets})
+    log.info("evaluate: %s", {b.name: {t.name: metrics[b.name][t.name]["pass@1"] for t in targets} for b in benches})
     return metrics
 
 

@@ -42,6 +42,7 @@ import jinja2
 from markupsafe import Markup
 
 from pipeline.core.config import ConfigError, RunConfig, configs_dir, load_preset
+from pipeline.core.humaneval import BENCHMARK_LABELS
 from pipeline.core.records import atomic_write_text, dumps
 from pipeline.core.stats import STAGE_ORDER, funnel_row, read_stage_stats, total
 from pipeline.stages.report.references import (
@@ -385,13 +386,16 @@ def summary_section(cfg: RunConfig, inputs: Inputs) -> list[Block]:
         f"run profile `{cfg.profile}`, seed {cfg.seed}.")]
 
 
+OTHER_BENCHMARKS = tuple(b for b in BENCHMARK_LABELS if b != "humaneval")
+
+
 def passk_section(inputs: Inputs) -> list[Block]:
     blocks: list[Block] = [heading(2, "pass@k: base, each phase, fine-tuned")]
     he = (inputs.metrics or {}).get("humaneval") or {}
     if not he:
         return blocks + [_na("metrics.json")]
     ks = ks_of(he)
-    header = ["model", "pass@1 (%)", "95% interval (Wilson)", *[f"{k} (%)" for k in ks if k != "pass@1"],
+    header = ["model", "pass@1 (%)", "95% interval", *[f"{k} (%)" for k in ks if k != "pass@1"],
               "problems solved"]
     rows = []
     for m in evaluated_models(he):
@@ -418,8 +422,39 @@ def passk_section(inputs: Inputs) -> list[Block]:
                            f"{v.get('improved_problems')} problem(s) improved, {v.get('regressed_problems')} "
                            "regressed)."))
     if deltas:
-        blocks.append(para("Intervals are 95%: Wilson for each pass@1, normal approximation on per-problem "
-                           "differences for each delta."))
+        blocks.append(para("Intervals are 95%: " + ("a bootstrap over problems" if he.get("samples_per_problem", 1) > 1
+                                                     else "Wilson") + " for each pass@1, normal approximation on "
+                           "per-problem differences for each delta."))
+    blocks += other_benchmarks_section(inputs)
+    return blocks
+
+
+def other_benchmarks_section(inputs: Inputs) -> list[Block]:
+    """HumanEval+, MBPP, MBPP+ where the run covered them; the ones it did not, named."""
+    metrics = inputs.metrics or {}
+    he = metrics.get("humaneval") or {}
+    run = [b for b in OTHER_BENCHMARKS if b in metrics]
+    missing = [BENCHMARK_LABELS[b] for b in OTHER_BENCHMARKS if b not in metrics]
+    blocks: list[Block] = []
+    if run:
+        rows = []
+        for b in run:
+            m = metrics[b]
+            for model in evaluated_models(he):
+                r = m.get(model) or {}
+                rows.append([BENCHMARK_LABELS[b], MODEL_LABELS[model], pct(r.get("pass@1")),
+                             f"{pct(r.get('pass@1_ci95_low'))} - {pct(r.get('pass@1_ci95_high'))}",
+                             f"{r.get('problems_solved')} of {m.get('problems')}", m.get("subset", NA)])
+            d = m.get("delta")
+            if d:
+                rows.append([BENCHMARK_LABELS[b], "**delta (fine-tuned - base)**", pct(d.get("pass@1"), signed=True),
+                             f"p = {d.get('p_value'):.3g}", f"+{d.get('improved_problems')} / "
+                             f"-{d.get('regressed_problems')}", m.get("subset", NA)])
+        blocks += [heading(3, "Other benchmarks"),
+                   table(["benchmark", "model", "pass@1 (%)", "95% interval", "problems solved", "subset"], rows)]
+    if missing:
+        blocks.append(para(f"Not run here: {', '.join(missing)} (`evaluate.benchmarks`; EvalPlus's data files, "
+                           "README \"Benchmarks\")."))
     return blocks
 
 
@@ -435,8 +470,10 @@ def references_section(cfg: RunConfig, inputs: Inputs, ours: OurRun) -> tuple[li
                    else f"phase 1 ({cfg.pretrain.mode}) on textbook sections" if m == "pretrained"
                    else f"LoRA on {ours.train_examples if ours.train_examples is not None else NA} examples"
                    + (" after phase 1" if "pretrained" in he else ""))
+        mbpp = ((inputs.metrics or {}).get("mbpp") or {}).get(m) or {}
         rows.append([f"**{label}**", format_params(ours.params) if m != "teacher" else NA, pct(r.get("pass@1")),
-                     "-", trained, f"HumanEval {subset}", "this run"])
+                     pct(mbpp["pass@1"]) if mbpp.get("pass@1") is not None else "not run", trained,
+                     f"HumanEval {subset}", "this run"])
         if r.get("pass@1") is not None:
             bars.append((label, r["pass@1"], r.get("pass@1_ci95_low") or r["pass@1"],
                          r.get("pass@1_ci95_high") or r["pass@1"]))
