@@ -513,3 +513,28 @@ def test_bootstrap_interval_brackets_the_mean_and_is_seeded():
     mean = sum(values) / len(values)
     assert lo < mean < hi and hi - lo < 0.2 and bootstrap_interval(values) == (lo, hi)
     assert bootstrap_interval([0.0] * 10) == (0.0, 0.0) and bootstrap_interval([]) == (0.0, 1.0)
+
+
+def test_validation_compares_with_the_published_figure():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate", REPO_ROOT / "tools" / "validate.py")
+    validate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validate)
+    metrics = {"humaneval": {"benchmark": "HumanEval", "subset": "all 164", "harness": "evalplus",
+                             "teacher": {"pass@1": 0.5854, "pass@1_ci95_low": 0.509, "pass@1_ci95_high": 0.658,
+                                         "problems_solved": 96}}}
+    c = validate.compare(metrics, "qwen2.5-coder-0.5b-instruct")
+    assert (c["ours_pass@1"], c["published_pass@1"], c["gap_points"]) == (58.5, 61.6, 3.1)
+    assert c["published_inside_ci95"] and c["within_quantization_allowance"]
+    far = validate.compare({"humaneval": {**metrics["humaneval"], "teacher": {
+        **metrics["humaneval"]["teacher"], "pass@1": 0.4, "pass@1_ci95_low": 0.33, "pass@1_ci95_high": 0.48}}},
+        "qwen2.5-coder-0.5b-instruct")
+    assert not far["published_inside_ci95"] and not far["within_quantization_allowance"]
+    rows = [{"passed": False, "error": "AssertionError: at `assert x`", "status": "failed", "finish_reason": "stop"},
+            {"passed": False, "error": None, "status": "timeout", "finish_reason": "length"},
+            {"passed": True, "error": None, "status": "passed", "finish_reason": "stop"}]
+    b = validate.failure_breakdown(rows)
+    assert b == {"failed": 2, "by_error": {"AssertionError": 1, "timeout": 1}, "cut_at_max_tokens": 1}
+    md = validate.render([c], b, "qwen2.5-coder-0.5b-instruct")
+    assert "| HumanEval (all 164) | evalplus | 58.5 | 50.9 - 65.8 | 96 | 61.6 | 3.1 |" in md
