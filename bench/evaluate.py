@@ -45,10 +45,11 @@ from pipeline.core.config import (  # noqa: E402
 )
 from pipeline.engines.servers import serve  # noqa: E402
 from pipeline.stages.evaluate import (  # noqa: E402
+    Bench,
+    Convention,
     Target,
     _send,
     build_requests,
-    convention,
     load_problems,
     run_evaluate,
     truncate_at_stop,
@@ -60,7 +61,8 @@ def throughput(preset: ModelPreset, problems: list[dict], ev: EvaluateConfig, pr
     """Generation rates with `processes` llama.cpp servers of `threads // processes` threads each."""
     p = dataclasses.replace(preset, server=dataclasses.replace(preset.server, n_parallel=processes, n_threads=threads,
                                                                reuse_prompt_prefix=reuse_prefix))
-    requests = build_requests(Target("base", p, "llamacpp"), problems, ev, run_seed=0)
+    conv = Convention(ev.harness, "humaneval")
+    requests = build_requests(Target("base", p, "llamacpp"), Bench("humaneval", problems, 164, conv), ev, run_seed=0)
     t0 = time.monotonic()
     with serve(p, log_dir) as urls:
         started = time.monotonic() - t0
@@ -75,7 +77,7 @@ def throughput(preset: ModelPreset, problems: list[dict], ev: EvaluateConfig, pr
     return {"processes": processes, "threads_per_process": max(1, threads // processes),
             "server_start_s": round(started, 2), "generation_s": round(gen_s, 2), "completion_tokens": tokens,
             "problems_per_min": round(60 * len(problems) / gen_s, 2), "tokens_per_s": round(tokens / gen_s, 2),
-            "mean_completion_chars": round(sum(len(truncate_at_stop(r.choices[0]["text"], convention(ev).stop(ev.stop)))
+            "mean_completion_chars": round(sum(len(truncate_at_stop(r.choices[0]["text"], conv.stop(ev.stop)))
                                                for r in results) / len(results), 1)}
 
 

@@ -329,7 +329,7 @@ def test_a_model_phase_one_trained_whole_is_served_in_process_with_its_adapter(t
     assert "-pretrain-scratch-" in per["models"]["pretrained"]["model"]
     assert per["models"]["finetuned"]["model"].startswith(per["models"]["pretrained"]["model"] + "-lora-")
     assert he["pretrained"]["requests_sent"] == he["finetuned"]["requests_sent"] == 2
-    with pytest.raises(ConfigError, match="pretrain.mode=full but its model .* does not exist"):
+    with pytest.raises(ConfigError, match="pretrain.mode=full: phase 1's model .* does not exist"):
         run(project, "pretrain.enabled=true", "pretrain.mode=full", "pretrain.output_dir=nowhere")
 
 

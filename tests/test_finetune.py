@@ -355,18 +355,20 @@ def test_training_format_is_the_evaluation_format(student):
     from pipeline.core.config import EvaluateConfig
     from pipeline.core.humaneval import load_problems
     from pipeline.engines.student import encode_context
-    from pipeline.stages.evaluate import Target, build_requests, completion_from_chat
+    from pipeline.stages.evaluate import Bench, Convention, Target, build_requests, completion_from_chat
 
     preset = load_preset(student, REPO / "configs")
     tok = load_tokenizer(model_source(preset))
     problem = load_problems(3)[2]  # HumanEval/2: its prompt ends in a docstring and a newline
     # What the evaluator sends this student for that problem, tokenized as its engine does.
-    request = build_requests(Target("base", preset, preset.engine), [problem], EvaluateConfig(), 0)[0]
+    bench = Bench("humaneval", [problem], 164, Convention("evalplus", "humaneval"))
+    request = build_requests(Target("base", preset, preset.engine), bench, EvaluateConfig(), 0)[0]
     assert (request.messages is not None) == (preset.api == "chat")
     sent = encode_context(tok, prompt=request.prompt, messages=request.messages)
-    # The same problem as a curated exercise: records hold the prompt without its final newline.
-    prompt = problem["prompt"].removesuffix("\n")
-    rec = {"id": "he-2", "kind": "exercise", "prompt": prompt, "text": problem["prompt"] + problem["canonical_solution"]}
+    # The same problem as a curated exercise: records hold the prompt without blank lines around it
+    # (EvalPlus strips HumanEval's too).
+    prompt = problem["prompt"].strip()
+    rec = {"id": "he-2", "kind": "exercise", "prompt": prompt, "text": prompt + "\n" + problem["canonical_solution"]}
     ex = tokenize_record(rec, tok, completion_only=True, chat=preset.api == "chat")
     n = len(sent)
     assert ex.input_ids[:n] == sent  # the context is token for token the evaluator's request

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.core.fields import ConfigError, check, opt
-from pipeline.core.records import dumps, sha256_text
+from pipeline.core.records import dumps, sha256_text, sha256_tree
 
 log = logging.getLogger(__name__)
 
@@ -496,6 +496,19 @@ class PretrainConfig:
     def weights_dir(self) -> Path:
         """What phase 2 and evaluate read: adapter/ + adapter.gguf (lora) or model/ (full, scratch)."""
         return Path(self.output_dir) / "weights"
+
+    def trained_model(self, student: ModelPreset) -> ModelPreset | None:
+        """The whole model phase 1 wrote (full, scratch) as a preset of the Hugging Face folder, for phase 2 to
+        train on and evaluate to serve in process; its model name carries the folder's sha256, so a retrained
+        model never hits old cached completions. None when phase 1 is off or trained an adapter."""
+        if not self.enabled or self.mode == "lora":
+            return None
+        folder = self.weights_dir / "model"
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"pretrain.mode={self.mode}: phase 1's model {folder}/ does not exist (config.json): "
+                              "run `textbook pretrain` first, or set pretrain.enabled=false")
+        return dataclasses.replace(student, name=f"{student.name}+pretrain-{self.mode}", gguf=None, hf_id=str(folder),
+                                   model=f"{student.model}-pretrain-{self.mode}-{sha256_tree(folder)[:12]}")
 
     def __post_init__(self) -> None:
         check(bool(self.kinds) and set(self.kinds) <= set(RECORD_KINDS), "pretrain.kinds",

@@ -23,7 +23,6 @@ eval loss, learning rate, grad norm, tokens/s), resolved_config.yaml, checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -37,16 +36,10 @@ from pipeline.engines.training import TrainingDiverged, load_records, train_adap
 def phase_one_output(cfg: RunConfig, preset: ModelPreset) -> tuple[ModelPreset, Path | None]:
     """(the student to train, the adapter to continue) after phase 1, as `pretrain.*` says."""
     pt = cfg.pretrain
-    if not pt.enabled:
-        return preset, None
-    weights = pt.weights_dir
-    if pt.mode == "lora":
-        return preset, weights / "adapter"
-    model_dir = weights / "model"
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"pretrain.mode={pt.mode}: phase 1's model {model_dir}/ does not exist (config.json): "
-                          "run `textbook pretrain` first, or set pretrain.enabled=false")
-    return dataclasses.replace(preset, name=f"{preset.name}+pretrain-{pt.mode}", gguf=None, hf_id=str(model_dir)), None
+    model = pt.trained_model(preset)
+    if model is not None:
+        return model, None
+    return preset, (pt.weights_dir / "adapter" if pt.enabled else None)
 
 
 def pass_through(cfg: RunConfig, out_dir: Path) -> dict:

@@ -177,22 +177,6 @@ def _adapter(folder: Path, engine: str, name: str = "finetuned", stage: str = "f
     return path, sha256_tree(path), int(rank) if rank else None
 
 
-def phase_one_model(cfg: RunConfig, student: ModelPreset) -> ModelPreset | None:
-    """The model phase 1 wrote (pretrain `full` or `scratch`) as a preset the transformers engine
-    loads; its model name carries the folder's sha256, so a retrained model never hits old
-    completions. None when phase 1 is off or trained an adapter."""
-    pt = cfg.pretrain
-    if not pt.enabled or pt.mode == "lora":
-        return None
-    folder = pt.weights_dir / "model"
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"evaluate: pretrain.mode={pt.mode} but its model {folder}/ does not exist: run "
-                          "`textbook pretrain` first")
-    sha = sha256_tree(folder)
-    return dataclasses.replace(student, name=f"{student.name}+pretrain-{pt.mode}", gguf=None, hf_id=str(folder),
-                               model=f"{student.model}-pretrain-{pt.mode}-{sha[:12]}")
-
-
 def evaluated_models(cfg: RunConfig) -> list[str]:
     """evaluate.models, less 'pretrained' when phase 1 is off (so one list serves every ablation)."""
     return [m for m in cfg.evaluate.models if m != "pretrained" or cfg.pretrain.enabled]
@@ -212,7 +196,7 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
         # Serve the weights the adapter was trained on: a GGUF preset's dequantized HF folder.
         student = dataclasses.replace(student, engine="vllm", hf_id=model_source(student), gguf=None)
     # A model phase 1 trained whole has no GGUF: the in-process engine serves it and its adapter.
-    phase_one = phase_one_model(cfg, student)
+    phase_one = cfg.pretrain.trained_model(student)
     targets = []
     for name in evaluated_models(cfg):
         if name == "base":
