@@ -502,9 +502,16 @@ def record_report(i: int, scores: Scores, problems: list[Problem], signals: list
 def similarity_report(problems: list[Problem], scores: Scores, kept: np.ndarray, ids: list[str],
                       dc: DecontaminateConfig) -> dict:
     """Per HumanEval problem, its closest KEPT record per signal; and the similar / non-similar
-    split at each tau level (phi-1 Table 3: pass@1 on problems with / without a near copy)."""
+    split at each tau level (phi-1 Table 3: pass@1 on problems with / without a near copy). The split
+    uses the removal signals: a problem is similar at a level when a kept record reaches that tau, or
+    when a kept record's text signals pointed at it (a look-alike kept because its function fails the
+    problem's tests: it reads like the problem, whatever it computes)."""
     kept_idx = np.flatnonzero(kept)
     kept_ids = [ids[i] for i in kept_idx]
+    text_hit = ((scores.ngram > 0) | (scores.difflib >= dc.difflib_threshold)
+                | (removable_tau(scores) >= dc.ast_threshold))
+    if scores.embedding is not None:
+        text_hit |= scores.embedding >= dc.embedding_threshold
 
     def closest(matrix: np.ndarray | None, k: int, key: str, integer: bool = False) -> dict:
         if matrix is None:
@@ -521,11 +528,13 @@ def similarity_report(problems: list[Problem], scores: Scores, kept: np.ndarray,
         rows.append({"task_id": p.task_id, "ast_tokens": int(scores.ast_tokens[k]), **closest(scores.ast, k, "ast_tau"),
                      **closest(scores.ngram, k, "ngram_shared", integer=True),
                      **closest(scores.candidates, k, "candidate_ngram_shared", integer=True),
-                     **closest(scores.embedding, k, "embedding_cosine")})
+                     **closest(scores.embedding, k, "embedding_cosine"),
+                     "kept_by_behaviour": [kept_ids[j] for j in np.flatnonzero(text_hit[kept_idx, k])]})
     levels = {}
     for level in sorted(set(dc.tau_levels), reverse=True):
-        similar = [r["task_id"] for r in rows if r["ast_tau"] >= level]
-        levels[f"{level:g}"] = {"similar": similar, "non_similar": [r["task_id"] for r in rows if r["ast_tau"] < level],
+        similar = [r["task_id"] for r in rows if r["ast_tau"] >= level or r["kept_by_behaviour"]]
+        levels[f"{level:g}"] = {"similar": similar, "non_similar": [r["task_id"] for r in rows if r["task_id"]
+                                                                    not in set(similar)],
                                 "n_similar": len(similar), "n_non_similar": len(rows) - len(similar)}
     return {
         "kept_records": len(kept_idx),

@@ -232,8 +232,9 @@ def _decontamination_section(cfg: RunConfig, stats: Mapping) -> list[str]:
     similar = he.get("similar_at_tau") or {}
     if similar:
         lines += [f"Closest released record per problem (`humaneval_similarity.json` in `{dc.output_dir}/`): highest "
-                  f"tau {he.get('max_ast_tau')}. Problems with a released record at or above each tau, for the "
-                  "similar / non-similar split of pass@1 (phi-1, Table 3):", "",
+                  f"tau {he.get('max_ast_tau')}. Problems with a released record at or above each tau (or a released "
+                  "look-alike that a text signal flagged and its behaviour kept), for the similar / non-similar "
+                  "split of pass@1 (phi-1, Table 3):", "",
                   *_table(["tau", "similar", "non-similar"],
                           [[lvl, n, he.get("problems", 164) - n] for lvl, n in similar.items()])]
     return lines
