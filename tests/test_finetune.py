@@ -390,3 +390,19 @@ def test_the_packing_probe_tells_packed_from_leaking_attention():
     # A full 2D mask is what a broken pair amounts to: the second example attends to the first.
     assert not packed_logits_agree(attention_mask=torch.ones(1, 12, dtype=torch.long))
     check_packed_attention()  # so finetune starts
+
+
+def test_gpu_check_smoke_runs_the_project_code_path():
+    """bench/gpu_check.py is run on a GPU machine with minutes to spare: its code path must work before."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--smoke"], capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for mode in ("nf4", "bf16"):
+        assert report[mode]["finite"] and report[mode]["tokens_per_s"] > 0, report[mode]
+        assert report[mode]["trainable_params"] == report["bf16"]["trainable_params"]  # the same LoRA on both
+    assert report["generation"]["tokens_per_s"] > 0 and report["qlora_over_lora_tokens_per_s"] > 0
