@@ -533,3 +533,18 @@ def test_text_signals_alone_miss_rewritten_copies_and_flag_look_alikes(project):
     assert rates["reimplemented"] <= 0.2 and rates["restructured"] <= 0.3, rates
     assert rates["lookalike"] >= 0.5, rates
     assert "functional" not in stats and stats["kept_by_behaviour"] == 0
+
+
+def test_a_crash_is_not_a_different_behaviour(project):
+    """Only a failed assert of the problem's test keeps a record the text signals flag: a verbatim copy whose
+    imports start with a __future__ import, or whose parameters are swapped, is still removed."""
+    prompt, solution = verbatim("HumanEval/0")
+    future = exercise("ex-000001", prompt.replace("from typing import List\n", ""), solution,
+                      imports="from __future__ import annotations\nfrom typing import List")
+    swapped = exercise("ex-000002", prompt.replace("numbers: List[float], threshold: float",
+                                                   "threshold, numbers"), solution)
+    write_inputs(project, [future, swapped], [])
+    run(project)
+    removed = {r["id"]: r["decontamination"] for r in jsonl(project / OUT / "removed.jsonl")}
+    assert removed["ex-000001"]["scores"]["functional"]["passed_tests_of"] == ["HumanEval/0"]
+    assert "ngram" in removed["ex-000002"]["signals"] and "functional" not in removed["ex-000002"]["signals"]

@@ -198,8 +198,15 @@ def test_harness_conventions():
     assert Convention("evalplus", "mbpp").stop([])[-2:] == ['\n"""', "\nassert"]
     assert EVALPLUS.base_prompt("\ndef f():\n    \"\"\"x\"\"\"\n\n") == 'def f():\n    """x"""\n'
     assert bigcode.base_prompt("def f():\n") == "def f():"
-    assert EVALPLUS.time_limit(0.1, 3.0) == 4.0 and EVALPLUS.time_limit(2.0, 3.0) == 8.0
-    assert bigcode.time_limit(2.0, 3.0) == 3.0
+    assert EVALPLUS.limits(0.1) == {"timeout_s": 4.0, "cpu_time_s": 4.0, "memory_mb": 4096}
+    assert EVALPLUS.limits(2.0)["cpu_time_s"] == 8.0 and bigcode.limits(2.0) == {}
+    # EvalPlus replaces tabs; a solution's __future__ import stays first behind the test's helpers.
+    he = {p["task_id"]: p for p in load_problems(0)}
+    assert "\t" not in EVALPLUS.program(he["HumanEval/2"], "\treturn number % 1.0\n", chat=False)
+    code = "from __future__ import annotations\ndef decode_shift(s: str) -> str:\n    return s\n"
+    assert EVALPLUS.program(he["HumanEval/50"], code, chat=True).startswith("from __future__ import annotations\n")
+    # EvalPlus-format problems get no helpers from their prompt (their test is self-contained).
+    assert support_for({**he["HumanEval/50"], "benchmark": "humaneval+"}) == ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,3 +545,21 @@ def test_validation_compares_with_the_published_figure():
     assert b == {"failed": 2, "by_error": {"AssertionError": 1, "timeout": 1}, "cut_at_max_tokens": 1}
     md = validate.render([c], b, "qwen2.5-coder-0.5b-instruct")
     assert "| HumanEval (all 164) | evalplus | 58.5 | 50.9 - 65.8 | 96 | 61.6 | 3.1 |" in md
+
+
+def test_a_problem_whose_function_is_called_check_runs():
+    """MBPP has one (Mbpp/56): the differential test's own function must not replace it."""
+    from pipeline.stages.evaluate.benchmarks import INFO, plus_check
+
+    row = {"task_id": "Mbpp/56", "prompt": '"""\nWrite a function to check if a number is one less than twice its '
+           'reverse.\nassert check(70) == False\n"""\n', "entry_point": "check",
+           "canonical_solution": "\ndef check(n):\n    return n == 2 * int(str(n)[::-1]) - 1\n",
+           "base_input": [[70], [23], [73]], "plus_input": [[0], [1]], "atol": 0}
+    test = plus_check(row, INFO["mbpp+"])
+    problem = {**row, "test": test, "check_call": "_evalplus_check(check)", "benchmark": "mbpp+"}
+    conv = Convention("evalplus", "mbpp")
+    with Sandbox(SandboxConfig()) as sandbox:
+        ok, wrong = sandbox.run([
+            evaluate.Job(conv.reference_program(problem), test=test, check=problem["check_call"]),
+            evaluate.Job("def check(n):\n    return n == 73\n", test=test, check=problem["check_call"])])
+    assert ok.passed and wrong.status == "failed"

