@@ -406,3 +406,13 @@ def test_gpu_check_smoke_runs_the_project_code_path():
         assert report[mode]["finite"] and report[mode]["tokens_per_s"] > 0, report[mode]
         assert report[mode]["trainable_params"] == report["bf16"]["trainable_params"]  # the same LoRA on both
     assert report["generation"]["tokens_per_s"] > 0 and report["qlora_over_lora_tokens_per_s"] > 0
+
+
+def test_max_records_samples_are_seeded_nested_and_sorted():
+    from pipeline.stages.finetune import sample_records
+
+    recs = [{"id": f"ex-{i:06d}"} for i in range(50)]
+    small, large = sample_records(recs, 12, 7), sample_records(recs, 24, 7)
+    assert len(small) == 12 and len(large) == 24 and {r["id"] for r in small} <= {r["id"] for r in large}
+    assert [r["id"] for r in small] == sorted(r["id"] for r in small) and sample_records(recs, 12, 7) == small
+    assert sample_records(recs, 12, 8) != small and sample_records(recs, 0, 7) == recs == sample_records(recs, 99, 7)

@@ -528,6 +528,9 @@ class FinetuneConfig:
     kinds: list[str] = opt(["exercise", "textbook"], help="Which records of the dataset it trains on (exercise, "
                                                            "textbook); phi-1's phase 2 is exercises only.")
     dataset_dir: str = opt("data/dataset", help="The curated dataset folder (train.jsonl).")
+    max_records: int = opt(0, help="Train on a seeded sample of this many of the chosen records; 0 = all. Samples of "
+                                   "one seed are nested (the first N of one shuffle): the data-volume axis of a "
+                                   "pass@1-against-examples curve.")
     output_dir: str = opt("data/finetune", help="Adapter, GGUF adapter, checkpoints, metrics.")
     quantization: Literal["nf4", "none"] = opt("nf4", help="nf4: QLoRA (4-bit NF4 base); none: plain LoRA on a bf16/fp32 base.")
     double_quant: bool = opt(True, help="QLoRA double quantization of the quantization constants.")
@@ -565,6 +568,7 @@ class FinetuneConfig:
         check(bool(self.kinds) and set(self.kinds) <= set(RECORD_KINDS), "finetune.kinds",
               f"must be a non-empty subset of {list(RECORD_KINDS)}, got {self.kinds}")
         check(self.lora_r >= 1, "finetune.lora_r", f"must be >= 1, got {self.lora_r}")
+        check(self.max_records >= 0, "finetune.max_records", f"must be >= 0, got {self.max_records}")
         check(self.learning_rate > 0, "finetune.learning_rate", f"must be > 0, got {self.learning_rate}")
         check(0 <= self.warmup_ratio < 1, "finetune.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         check(0 <= self.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")

@@ -23,6 +23,7 @@ eval loss, learning rate, grad norm, tokens/s), resolved_config.yaml, checkpoint
 
 from __future__ import annotations
 
+import random
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +41,16 @@ def phase_one_output(cfg: RunConfig, preset: ModelPreset) -> tuple[ModelPreset, 
     if model is not None:
         return model, None
     return preset, (pt.weights_dir / "adapter" if pt.enabled else None)
+
+
+def sample_records(records: list[dict], n: int, seed: int) -> list[dict]:
+    """A seeded sample of n records (all when n is 0 or more than there are), sorted by id; samples of one
+    seed are nested, so a pass@1-against-examples curve adds data rather than drawing new data."""
+    if not n or n >= len(records):
+        return records
+    order = sorted(records, key=lambda r: r["id"])
+    random.Random(seed).shuffle(order)
+    return sorted(order[:n], key=lambda r: r["id"])
 
 
 def pass_through(cfg: RunConfig, out_dir: Path) -> dict:
@@ -80,10 +91,11 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     if not chosen:
         raise ConfigError(f"finetune.kinds={ft.kinds}: {ft.dataset_dir}/train.jsonl holds none of these "
                           f"({len(records)} records of other kinds)")
+    chosen = sample_records(chosen, ft.max_records, cfg.seed)
     student, init = phase_one_output(cfg, preset)
     metrics = train_adapter(ft, student, chosen, out_dir, cfg.seed, section="finetune", init_adapter=init,
                             progress=progress, callbacks=callbacks)
-    metrics = {"student": preset.name, "enabled": True, "kinds": list(ft.kinds),
+    metrics = {"student": preset.name, "enabled": True, "kinds": list(ft.kinds), "records_used": len(chosen),
                "phase_one": f"pretrain-{cfg.pretrain.mode}" if cfg.pretrain.enabled else None,
                **{k: v for k, v in metrics.items() if k != "student"},
                "wall_s": round(time.monotonic() - t0, 2)}
