@@ -1,0 +1,13 @@
+# Shared by tools/showcase.sh and tools/curve.sh: the cpu-showcase profile, its data under
+# data/showcase/ and its reports under eval/showcase/. Sourced, not run.
+export DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
+D=data/showcase
+SET=(--set profile=cpu-showcase
+     --set generate.output_dir=$D/generate
+     --set filter.input_dir=$D/generate --set filter.output_dir=$D/filter
+     --set dedupe.input_dir=$D/filter --set dedupe.output_dir=$D/dedupe
+     --set decontaminate.input_dir=$D/dedupe --set decontaminate.output_dir=$D/decontaminate
+     --set decontaminate.dataset_dir=$D/dataset --set decontaminate.card_path=eval/showcase/dataset_card.md
+     --set pretrain.output_dir=$D/pretrain
+     --set finetune.dataset_dir=$D/dataset --set finetune.output_dir=$D/finetune
+     --set evaluate.output_dir=eval/showcase)
