@@ -102,7 +102,9 @@ def test_showcase_script_resolves_and_keeps_its_outputs_apart():
     import re
     import shlex
 
-    text = (REPO / "tools/showcase.sh").read_text()
+    assert "source tools/showcase_env.sh" in (REPO / "tools/showcase.sh").read_text()
+    assert "source tools/showcase_env.sh" in (REPO / "tools/curve.sh").read_text()
+    text = (REPO / "tools/showcase_env.sh").read_text()
     words = shlex.split(re.search(r"SET=\((.*?)\)", text, re.S).group(1).replace("$D", "data/showcase"))
     sets = [w for w in words if w != "--set"]
     cfg = load_config(REPO / "params.yaml", sets)
@@ -115,7 +117,7 @@ def test_showcase_script_resolves_and_keeps_its_outputs_apart():
     chain = [(cfg.filter.input_dir, cfg.generate.output_dir), (cfg.dedupe.input_dir, cfg.filter.output_dir),
              (cfg.decontaminate.input_dir, cfg.dedupe.output_dir), (cfg.finetune.dataset_dir, cfg.decontaminate.dataset_dir)]
     assert all(a == b for a, b in chain)
-    stages = re.search(r"STAGES=\((.*?)\)", text).group(1).split()
+    stages = re.search(r"STAGES=\((.*?)\)", (REPO / "tools/showcase.sh").read_text()).group(1).split()
     assert stages == ["generate", "filter", "dedupe", "decontaminate", "pretrain", "finetune", "evaluate", "report"]
 
 

@@ -7,17 +7,7 @@
 #   tools/showcase.sh finetune         # from one stage on (the earlier ones' outputs are reused)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
-D=data/showcase
-SET=(--set profile=cpu-showcase
-     --set generate.output_dir=$D/generate
-     --set filter.input_dir=$D/generate --set filter.output_dir=$D/filter
-     --set dedupe.input_dir=$D/filter --set dedupe.output_dir=$D/dedupe
-     --set decontaminate.input_dir=$D/dedupe --set decontaminate.output_dir=$D/decontaminate
-     --set decontaminate.dataset_dir=$D/dataset --set decontaminate.card_path=eval/showcase/dataset_card.md
-     --set pretrain.output_dir=$D/pretrain
-     --set finetune.dataset_dir=$D/dataset --set finetune.output_dir=$D/finetune
-     --set evaluate.output_dir=eval/showcase)
+source tools/showcase_env.sh  # its --set list (SET) and data folder (D)
 STAGES=(generate filter dedupe decontaminate pretrain finetune evaluate report)
 start=${1:-generate}
 run=0
