@@ -460,17 +460,24 @@ def counted(scores: Scores, matrix: np.ndarray, rows: Any = slice(None)) -> np.n
     return np.where(scores.functional[rows] == 0, np.zeros((), dtype=matrix.dtype), matrix[rows])
 
 
-def fired_signals(scores: Scores, dc: DecontaminateConfig, behaviour_first: bool = True) -> dict[str, np.ndarray]:
-    """Per signal, a boolean per record: over its threshold (for the problems it counts; all with
-    behaviour_first off)."""
-    where = (lambda m: counted(scores, m)) if behaviour_first else (lambda m: m)
-    fired = {
-        "ngram": where(scores.ngram).max(axis=1, initial=0) > 0,
-        "difflib": where(scores.difflib).max(axis=1, initial=0.0) >= dc.difflib_threshold,
-        "ast": where(removable_tau(scores)).max(axis=1, initial=0.0) >= dc.ast_threshold,
-    }
+def text_hits(scores: Scores, dc: DecontaminateConfig) -> dict[str, np.ndarray]:
+    """Per text signal, (records x problems): over its threshold, before behaviour has its say."""
+    hits = {"ngram": scores.ngram > 0, "difflib": scores.difflib >= dc.difflib_threshold,
+            "ast": removable_tau(scores) >= dc.ast_threshold}
     if scores.embedding is not None:
-        fired["embedding"] = where(scores.embedding).max(axis=1, initial=-1.0) >= dc.embedding_threshold
+        hits["embedding"] = scores.embedding >= dc.embedding_threshold
+    return hits
+
+
+def any_text_hit(scores: Scores, dc: DecontaminateConfig) -> np.ndarray:
+    """(records x problems): some text signal points the record at the problem."""
+    return np.logical_or.reduce(list(text_hits(scores, dc).values()))
+
+
+def fired_signals(scores: Scores, dc: DecontaminateConfig) -> dict[str, np.ndarray]:
+    """Per signal, a boolean per record: over its threshold for a problem it counts (see `counted`)."""
+    counts = np.ones(scores.ast.shape, dtype=bool) if scores.functional is None else scores.functional != 0
+    fired = {s: (hit & counts).any(axis=1) for s, hit in text_hits(scores, dc).items()}
     if scores.functional is not None:
         fired["functional"] = scores.functional.max(axis=1, initial=0) > 0
     return fired
@@ -508,10 +515,7 @@ def similarity_report(problems: list[Problem], scores: Scores, kept: np.ndarray,
     problem's tests: it reads like the problem, whatever it computes)."""
     kept_idx = np.flatnonzero(kept)
     kept_ids = [ids[i] for i in kept_idx]
-    text_hit = ((scores.ngram > 0) | (scores.difflib >= dc.difflib_threshold)
-                | (removable_tau(scores) >= dc.ast_threshold))
-    if scores.embedding is not None:
-        text_hit |= scores.embedding >= dc.embedding_threshold
+    text_hit = any_text_hit(scores, dc)
 
     def closest(matrix: np.ndarray | None, k: int, key: str, integer: bool = False) -> dict:
         if matrix is None:
@@ -632,8 +636,7 @@ def run_decontaminate(cfg: RunConfig, config_path: Path, progress: bool = True) 
         "removed": _per_kind(records, removed_mask),
         "removed_by_signal": {s: int(m.sum()) for s, m in fired.items()},
         # Flagged by a text signal for a problem whose tests their function ran and failed: kept.
-        "kept_by_behaviour": int((np.any([m for s, m in fired_signals(scores, dc, behaviour_first=False).items()
-                                          if s != "functional"], axis=0) & kept_mask).sum()),
+        "kept_by_behaviour": int((any_text_hit(scores, dc).any(axis=1) & kept_mask).sum()),
         "removed_task_ids": sorted({r["decontamination"]["task_id"] for r in removed},
                                    key=lambda t: int(t.rsplit("/", 1)[1])),
         "signals": sorted(fired, key=SIGNALS.index),
