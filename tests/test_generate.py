@@ -133,6 +133,63 @@ def test_kill9_mid_run_resumes_without_resending(tmp_path, repair_rounds):
     assert outputs(project) == outputs(clean)
 
 
+@pytest.mark.slow
+def test_a_replica_killed_mid_run_loses_nothing_and_ends_with_the_clean_dataset(project):
+    # Three real llama.cpp servers behind one remote preset, one slot and one thread each: a request's
+    # answer then depends on neither the server nor the load, so the two runs can be compared byte for byte.
+    import dataclasses
+    import threading
+
+    from pipeline.core.config import REPO_ROOT, load_preset
+    from pipeline.engines.servers import ManagedProcess, free_port, llama_server_command
+
+    smol = load_preset("smollm2-135m-instruct", REPO_ROOT / "configs")
+    smol = dataclasses.replace(smol, server=dataclasses.replace(smol.server, program="llama-server", n_parallel=1))
+    ports = [free_port() for _ in range(3)]
+    procs = [ManagedProcess(llama_server_command(smol, port, 1), port, project / f"logs/replica-{i}.log", "/health")
+             for i, port in enumerate(ports)]
+    add_preset(project, "fleet", engine="remote", model=smol.model, api="chat", hf_id=smol.hf_id,
+               base_urls=[p.base_url for p in procs])
+    settings = ["generate.teacher=fleet", "generate.n_exercises=8", "generate.n_textbooks=1",
+                "generate.sampling.max_tokens=64", "generate.client.length_retries=0",
+                "generate.client.concurrency=6", "generate.client.endpoint_cooldown_s=60"]
+    try:
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.wait_healthy(120)
+        clean_stats = run(project, *settings, "generate.output_dir=data/clean", "generate.cache_path=data/clean.sqlite")
+        assert clean_stats["ledger_this_run"]["failovers"] == 0
+
+        cache = project / "data/killed.sqlite"
+
+        def answers() -> int:
+            try:
+                return sqlite3.connect(cache).execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+            except sqlite3.OperationalError:  # the stage has not created its cache table yet
+                return 0
+
+        def kill_after_first_answers() -> None:  # mid-run: once two answers are committed, replica 0 dies
+            while answers() < 2:
+                time.sleep(0.05)
+            os.killpg(procs[0].proc.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_after_first_answers, daemon=True)
+        killer.start()
+        stats = run(project, *settings, "generate.output_dir=data/killed", f"generate.cache_path={cache}")
+        killer.join(5)
+    finally:
+        for proc in procs:
+            proc.stop()
+    led = stats["ledger_this_run"]
+    assert procs[0].proc.returncode == -signal.SIGKILL
+    assert outputs(project, "data/killed") == outputs(project, "data/clean")  # the same dataset, byte for byte
+    assert led["failed"] == 0 and led["failovers"] >= 1 and led["by_endpoint"][0]["failed"] >= 1
+    assert clean_stats["ledger_this_run"]["requests_sent"] == 9
+    assert led["requests_sent"] == 9 + led["failovers"] == 9 + led["retries"]  # nothing that succeeded was resent
+    assert led["by_endpoint"][1]["failed"] == led["by_endpoint"][2]["failed"] == 0
+
+
 def test_repair_round_fixes_failing_asserts_and_keeps_the_evidence(fake_project, fake_server):
     fake_server.state.wrong_asserts = 1
     stats = run(fake_project, "generate.repair_rounds=1", "generate.n_textbooks=0")

@@ -20,6 +20,7 @@ from pipeline.core.config import (
 )
 from pipeline.engines.llm import (
     BudgetExhausted,
+    Endpoints,
     LLMClient,
     LLMRequest,
     RequestCache,
@@ -120,6 +121,63 @@ def test_requests_are_spread_over_replicas():
         asyncio.run(run_all(LLMClient(preset(a.base_url), [a.base_url, b.base_url], cfg), reqs(20)))
         assert a.state.requests >= 5 and b.state.requests >= 5
         assert a.state.requests + b.state.requests == 20
+
+
+def test_a_dead_replica_is_left_out_and_its_requests_go_at_once_to_a_live_one():
+    # The first endpoint refuses connections. A long backoff and one retry: only an immediate failover
+    # to the live replica finishes every request, and fast.
+    cfg = ClientConfig(concurrency=4, max_retries=1, backoff_base_s=30, backoff_max_s=30, endpoint_cooldown_s=60)
+    dead = "http://127.0.0.1:9/v1"
+    with FakeOpenAIServer() as live:
+        p = ModelPreset(name="fleet", engine="remote", model="m", base_urls=[dead, live.base_url], hf_id="org/m")
+        client = LLMClient(p, p.base_urls, cfg)
+        t0 = time.monotonic()
+        got = asyncio.run(run_all(client, reqs(20)))
+        elapsed = time.monotonic() - t0
+        assert live.state.requests == 20
+        with FakeOpenAIServer() as alone:  # the same requests to one clean endpoint
+            expected = asyncio.run(run_all(LLMClient(preset(alone.base_url), [alone.base_url], cfg), reqs(20)))
+    assert all(r.ok for r in got) and [r.choices for r in got] == [r.choices for r in expected]
+    led = client.ledger
+    # Only the requests picked before the first refusal came back went to the dead one (at most one per slot).
+    assert 1 <= led.by_endpoint[0]["sent"] <= cfg.concurrency
+    assert led.by_endpoint[0]["failed"] == led.by_endpoint[0]["sent"] == led.failovers == led.retries
+    assert led.by_endpoint[1] == {"sent": 20, "failed": 0} and led.failed == 0
+    assert led.requests_sent == 20 + led.retries  # nothing that succeeded was sent again
+    assert elapsed < 10
+
+
+def test_an_endpoint_is_tried_again_after_its_cooldown_and_the_soonest_back_when_all_are_down():
+    ends = Endpoints(3, cooldown_s=0.2)
+    ends.inflight[:] = [2, 0, 1]
+    assert ends.pick() == 1  # the fewest in flight
+    ends.failed(1)
+    assert ends.pick() == 2 and ends.live() == [0, 2]
+    ends.failed(0)
+    ends.failed(0)  # a second failure in a row: twice the cooldown
+    ends.failed(2)
+    assert ends.live() == [] and ends.pick() == 1  # all down: the one back soonest (failed first, once)
+    time.sleep(0.25)
+    assert ends.live() == [1, 2] and ends.pick() == 1
+    ends.succeeded(0)
+    assert ends.live() == [0, 1, 2] and ends.counts[0] == {"sent": 0, "failed": 2}
+
+
+def test_several_endpoints_share_one_cache_identity_whatever_their_urls():
+    fleet = ModelPreset(name="f", engine="remote", model="m", base_urls=["http://a:1/v1", "http://b:1/v1"],
+                        hf_id="org/m")
+    moved = dataclasses.replace(fleet, base_urls=["http://c:1/v1"])
+    assert fleet.identity() == moved.identity()
+    assert fleet.identity() != dataclasses.replace(fleet, hf_id="org/other").identity()
+    with pytest.raises(ConfigError, match="base_urls.*need hf_id"):
+        ModelPreset(name="f", engine="remote", model="m", base_urls=["http://a:1/v1", "http://b:1/v1"])
+    with pytest.raises(ConfigError, match="base_url or base_urls"):
+        ModelPreset(name="f", engine="remote", model="m", base_url="http://a:1/v1", base_urls=["http://b:1/v1"],
+                    hf_id="org/m")
+    with pytest.raises(ConfigError, match="lists an endpoint twice"):
+        ModelPreset(name="f", engine="remote", model="m", base_urls=["http://a:1/v1"] * 2, hf_id="org/m")
+    with pytest.raises(ConfigError, match="base_urls.*is for engine 'remote'"):
+        ModelPreset(name="f", engine="vllm", model="m", hf_id="org/m", base_urls=["http://a:1/v1"])
 
 
 def test_token_bucket_limits_request_rate():

@@ -101,6 +101,22 @@ def test_llama_server_decodes_concurrent_requests_in_slots_then_stops(tmp_path):
     assert "--parallel 4" in (tmp_path / "llama-server-smollm2-135m-instruct.log").read_text()
 
 
+def test_vllm_parallelism_reaches_the_command_and_the_cache_identity():
+    base = load_preset("vllm-qwen2.5-coder-32b-instruct", REPO_ROOT / "configs")
+    dp = dataclasses.replace(base, server=dataclasses.replace(base.server, data_parallel_size=4))
+    tp = dataclasses.replace(base, server=dataclasses.replace(base.server, tensor_parallel_size=2))
+    assert "--data-parallel-size" not in vllm_command(base, 8000)
+    cmd = vllm_command(dp, 8000)
+    assert cmd[cmd.index("--data-parallel-size") + 1] == "4" and "--tensor-parallel-size" not in cmd
+    cmd = vllm_command(tp, 8000)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+    assert len({base.identity(), dp.identity(), tp.identity()}) == 3  # both change what a batch computes
+    shipped = vllm_command(load_preset("vllm-qwen2.5-coder-32b-instruct-dp4", REPO_ROOT / "configs"), 8000)
+    assert " ".join(shipped).endswith("--tensor-parallel-size 2 --data-parallel-size 4")
+    with pytest.raises(ConfigError, match="server.data_parallel_size"):
+        dataclasses.replace(base.server, data_parallel_size=0)
+
+
 def test_llama_server_identity_and_a_missing_binary(tmp_path, monkeypatch):
     batched = _batched(SMOL, 4)
     assert "llama-server==" in batched.identity() and batched.identity() != SMOL.identity()

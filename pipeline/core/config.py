@@ -85,6 +85,11 @@ class ServerConfig:
         "= that many processes, each request from an empty context: reproducible); llama-server (llama.cpp's C++ "
         "server, installed by `make install`) decodes n_parallel slots in one batch (continuous batching): faster, "
         "but a completion then depends on what else is in the batch.")
+    tensor_parallel_size: int = opt(1, help="vLLM: GPUs one copy of the model is sharded over "
+                                    "(--tensor-parallel-size), for a model too big for one GPU.")
+    data_parallel_size: int = opt(1, help="vLLM: copies of the model behind the one server, each on its own "
+                                  "GPU(s) (--data-parallel-size); vLLM balances requests between them. GPUs used = "
+                                  "tensor_parallel_size x data_parallel_size.")
     reuse_prompt_prefix: bool = opt(
         False, help="llama.cpp: re-evaluate only the part of a prompt after the previous request's common prefix. "
         "Faster prompts, but a greedy completion then depends on the order of requests; off = each request from "
@@ -92,6 +97,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check(self.n_ctx > 0, "server.n_ctx", f"must be > 0, got {self.n_ctx}")
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            check(getattr(self, name) >= 1, f"server.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.n_parallel >= 1, "server.n_parallel", f"must be >= 1, got {self.n_parallel}")
         check(self.n_threads >= 0, "server.n_threads", f"must be >= 0, got {self.n_threads}")
         check(0 < self.gpu_memory_utilization <= 1, "server.gpu_memory_utilization", "must be in (0, 1]")
@@ -107,6 +114,11 @@ class ModelPreset:
     api: Literal["chat", "completions"] = opt("chat", help="Chat (instruct models) or plain completions (base models).")
     description: str = opt("", help="What this model is and where it comes from.")
     base_url: str | None = opt(None, help="remote: the OpenAI-compatible base URL (…/v1).")
+    base_urls: list[str] = opt([], help="remote: several OpenAI-compatible endpoints serving the same weights "
+                               "(vLLM or llama.cpp replicas); each request goes to the live one with the fewest in "
+                               "flight, and an endpoint that fails is left out for a cooldown while its requests go to "
+                               "the others. Needs hf_id, which names the weights and is the cache identity, so which "
+                               "endpoint answered never changes a cache key. Instead of base_url.")
     api_key_env: str | None = opt(None, help="Name of the environment variable holding the API key (never the key).")
     hf_id: str | None = opt(None, help="Hugging Face id or local path (vLLM serving, fine-tuning).")
     gguf: GGUFSpec | None = opt(None, help="llamacpp: the GGUF file and where it ships.")
@@ -118,7 +130,14 @@ class ModelPreset:
     def __post_init__(self) -> None:
         key = f"preset '{self.name}'"
         if self.engine == "remote":
-            check(bool(self.base_url), key, "engine 'remote' needs base_url")
+            check(bool(self.base_url) != bool(self.base_urls), key, "engine 'remote' needs base_url or base_urls "
+                  "(one of the two)")
+            check(not self.base_urls or bool(self.hf_id), f"{key}: base_urls", "several endpoints need hf_id: the "
+                  "weights they all serve, which identifies their answers in the request cache")
+            check(len(set(self.base_urls)) == len(self.base_urls), f"{key}: base_urls", "lists an endpoint twice")
+        else:
+            check(not self.base_urls, f"{key}: base_urls", f"is for engine 'remote' (this preset is {self.engine}: "
+                  "the pipeline starts its servers; see server.data_parallel_size)")
         if self.engine == "llamacpp":
             check(self.gguf is not None, key, "engine 'llamacpp' needs a gguf section")
         if self.engine == "vllm":
@@ -133,8 +152,10 @@ class ModelPreset:
             out.update(n_ctx=s.n_ctx, n_batch=s.n_batch, reuse_prompt_prefix=s.reuse_prompt_prefix)
             if s.program == "llama-server":  # the batch's composition changes its numerics, as in vLLM
                 out.update(program=s.program, n_parallel=s.n_parallel)
-        elif self.engine == "vllm":  # batch composition changes vLLM's numerics
+        elif self.engine == "vllm":  # batch composition and tensor sharding change vLLM's numerics
             out.update(n_ctx=s.n_ctx, max_num_seqs=s.n_parallel, gpu_memory_utilization=s.gpu_memory_utilization)
+            if s.tensor_parallel_size > 1 or s.data_parallel_size > 1:  # keys of single-GPU presets unchanged
+                out.update(tensor_parallel_size=s.tensor_parallel_size, data_parallel_size=s.data_parallel_size)
         return out
 
     def identity(self) -> str:
@@ -142,6 +163,8 @@ class ModelPreset:
         every server setting that can change a completion (:meth:`output_settings`), not a local server's port."""
         if self.gguf is not None:
             base = f"{self.engine}:{self.model}:{self.gguf.sha256}"
+        elif self.base_urls:  # replicas of one set of weights: the answer does not depend on which one replied
+            base = f"{self.engine}:{self.hf_id}:{self.model}"
         else:
             base = f"{self.engine}:{self.base_url or self.hf_id}:{self.model}"
         engine = "llama-server" if self.engine == "llamacpp" and self.server.program == "llama-server" else self.engine
@@ -286,12 +309,16 @@ class ClientConfig:
     timeout_s: float = opt(600.0, help="Per-request timeout.")
     budget_usd: float = opt(0.0, help="Stop cleanly before the dataset can cost more than this (counting the "
                             "worst case of the requests in flight: prompt estimate + max_tokens); 0 = no cap.")
+    endpoint_cooldown_s: float = opt(5.0, help="With several endpoints: one that fails (connection refused or "
+                                     "dropped, timeout, 5xx) gets no request for this long, doubling on each further "
+                                     "failure up to 16x; its failed requests go at once to a live one.")
 
     def __post_init__(self) -> None:
         check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
         for name in ("requests_per_minute", "tokens_per_minute", "budget_usd", "max_retries", "length_retries"):
             check(getattr(self, name) >= 0, f"client.{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.timeout_s > 0, "client.timeout_s", "must be > 0")
+        check(self.endpoint_cooldown_s >= 0, "client.endpoint_cooldown_s", f"must be >= 0, got {self.endpoint_cooldown_s}")
 
 
 @dataclass
@@ -536,6 +563,10 @@ class FinetuneConfig:
     double_quant: bool = opt(True, help="QLoRA double quantization of the quantization constants.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
         "auto", help="Compute dtype; auto = bf16 where supported, else fp32.")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = opt(
+        "auto", help="QLoRA: the dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage). FSDP shards "
+        "a flat parameter of one dtype, so FSDP-QLoRA stores them in the compute dtype; auto = the compute dtype "
+        "under an FSDP `accelerate launch`, bitsandbytes' uint8 otherwise.")
     lora_r: int = opt(16, help="LoRA rank.")
     lora_alpha: int = opt(32, help="LoRA alpha.")
     lora_dropout: float = opt(0.05, help="LoRA dropout.")
@@ -545,8 +576,11 @@ class FinetuneConfig:
     warmup_ratio: float = opt(0.05, help="Fraction of steps spent warming up.")
     epochs: float = opt(1.0, help="Epochs over the training split (ignored when max_steps > 0).")
     max_steps: int = opt(-1, help="Optimizer steps; > 0 overrides epochs.")
-    batch_size: int = opt(4, help="Sequences per device step.")
-    grad_accum: int = opt(1, help="Gradient accumulation steps.")
+    batch_size: int = opt(4, help="Sequences per forward pass on one device; batch_size x grad_accum is the global "
+                                  "batch of an optimizer step, the same on one process or N (`accelerate launch`): N "
+                                  "processes split it, each a micro-batch of at most batch_size.")
+    grad_accum: int = opt(1, help="Gradient accumulation steps on one process (global batch = batch_size x "
+                                  "grad_accum; under N processes each accumulates its share of it).")
     max_length: int = opt(512, help="Tokens per sequence; longer examples are truncated or dropped (counted).")
     drop_long: bool = opt(False, help="Drop examples longer than max_length instead of truncating them.")
     split_long_textbooks: bool = opt(False, help="Split a textbook section longer than max_length into max_length "
@@ -577,6 +611,8 @@ class FinetuneConfig:
         check(self.max_length >= 16, "finetune.max_length", f"must be >= 16, got {self.max_length}")
         check(self.epochs > 0 or self.max_steps > 0, "finetune.epochs", "need epochs > 0 or max_steps > 0")
         check(self.save_steps >= 1, "finetune.save_steps", f"must be >= 1, got {self.save_steps}")
+        check(self.quant_storage in ("auto", "uint8", "bfloat16", "float16", "float32"), "finetune.quant_storage",
+              f"must be auto, uint8, bfloat16, float16 or float32, got {self.quant_storage!r}")
 
 
 @dataclass

@@ -13,6 +13,9 @@ a long synthetic-data run needs:
   requests in flight may still cost, so a run never spends past it;
 - an answer cut at max_tokens is asked again only where that can change it: with another seed
   when sampling, never under greedy decoding (`length_retry`).
+- several endpoints serving one model (replicas): each request goes to the live one with the
+  fewest in flight; one that fails is left out for a cooldown and the request goes at once to
+  another (`Endpoints`), so a server that dies mid-run loses nothing and slows nothing for long.
 
 The cache key is the model's identity (weights, engine and its version, every server setting
 that can change a completion: `ModelPreset.identity`), the api, the exact messages or prompt
@@ -54,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # Error classes recorded when a request finally fails, and whether they are retried.
 RETRYABLE = {"rate_limit", "server_error", "timeout", "connection", "malformed_response"}
+# Errors that say the endpoint (not the request, not the account's rate) is in trouble: fail over.
+ENDPOINT_ERRORS = {"server_error", "timeout", "connection"}
 
 
 class BudgetExhausted(RuntimeError):
@@ -178,7 +183,9 @@ class Ledger:
     cost_usd_total: float = 0.0
     cost_usd_this_run: float = 0.0
     length_retries: int = 0  # answers cut at max_tokens, paid for, then asked again with another seed
+    failovers: int = 0  # retries sent at once to another endpoint after one failed
     errors: dict = field(default_factory=dict)
+    by_endpoint: list = field(default_factory=list)  # with several endpoints: [{"sent", "failed"}] in preset order
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -244,6 +251,38 @@ def lookup(cache: RequestCache | None, preset: ModelPreset, req: LLMRequest) -> 
                      cost_usd=hit["cost_usd"], cached=True, attempts=0)
 
 
+class Endpoints:
+    """Which endpoint a request goes to: the live one with the fewest requests in flight. One that fails
+    (ENDPOINT_ERRORS) is left out for `cooldown_s`, doubling while it keeps failing (up to 16x), then
+    tried again; a success clears it. With every endpoint down, the one back soonest is tried."""
+
+    def __init__(self, n: int, cooldown_s: float):
+        self.cooldown_s = cooldown_s
+        self.inflight = [0] * n
+        self.down_until = [0.0] * n
+        self.failures = [0] * n  # consecutive
+        self.counts = [{"sent": 0, "failed": 0} for _ in range(n)]  # the ledger's by_endpoint
+
+    def live(self) -> list[int]:
+        now = time.monotonic()
+        return [i for i, t in enumerate(self.down_until) if t <= now]
+
+    def pick(self) -> int:
+        live = self.live()
+        if not live:
+            return min(range(len(self.down_until)), key=self.down_until.__getitem__)
+        return min(live, key=self.inflight.__getitem__)
+
+    def failed(self, i: int) -> None:
+        self.failures[i] += 1
+        self.counts[i]["failed"] += 1
+        self.down_until[i] = time.monotonic() + self.cooldown_s * 2 ** min(self.failures[i] - 1, 4)
+
+    def succeeded(self, i: int) -> None:
+        self.failures[i] = 0
+        self.down_until[i] = 0.0
+
+
 class LLMClient:
     """Async client for one model endpoint. Use as `async with LLMClient(...) as client`."""
 
@@ -278,7 +317,9 @@ class LLMClient:
             openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, http_client=self._http, timeout=cfg.timeout_s)
             for url in base_urls
         ]
-        self._inflight = [0] * len(self._clients)
+        self._endpoints = Endpoints(len(self._clients), cfg.endpoint_cooldown_s)
+        if len(self._clients) > 1:
+            self.ledger.by_endpoint = self._endpoints.counts
         self._in_flight_usd = 0.0  # worst-case cost of the requests in flight, counted against the budget
         self._budget = asyncio.Condition()
 
@@ -358,19 +399,26 @@ class LLMClient:
             await self._rpm.take(1)
             await self._tpm.take(estimate)
             self.ledger.requests_sent += 1
+            endpoint = self._endpoints.pick()
             try:
-                choices, usage = await self._call(sent)
+                choices, usage = await self._call(sent, endpoint)
             except Exception as exc:  # classified below; anything unknown is a final failure
                 self._tpm.give_back(estimate)
                 err, retry_after = _classify(exc)
+                if err in ENDPOINT_ERRORS:
+                    self._endpoints.failed(endpoint)
                 if err in RETRYABLE and attempts <= self.cfg.max_retries:
                     self.ledger.retries += 1
-                    await asyncio.sleep(self._backoff(attempts, retry_after))
+                    if err in ENDPOINT_ERRORS and self._endpoints.live():  # another replica can take it now
+                        self.ledger.failovers += 1
+                    else:
+                        await asyncio.sleep(self._backoff(attempts, retry_after))
                     continue
                 self.ledger.failed += 1
                 self.ledger.errors[err] = self.ledger.errors.get(err, 0) + 1
                 log.warning("request %s failed after %d attempt(s): %s: %s", req.id, attempts, err, exc)
                 return LLMResult(id=req.id, key=key, attempts=attempts, error=err, error_message=str(exc)[:500])
+            self._endpoints.succeeded(endpoint)
             spent = usage["prompt_tokens"] + usage["completion_tokens"]
             self._tpm.give_back(estimate - spent)
             cost = self.preset.price.cost(usage["prompt_tokens"], usage["completion_tokens"])
@@ -397,7 +445,7 @@ class LLMClient:
         ceiling = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
         return self._jitter.uniform(0, ceiling)
 
-    async def _call(self, req: LLMRequest) -> tuple[list[dict], dict]:
+    async def _call(self, req: LLMRequest, idx: int) -> tuple[list[dict], dict]:
         p = dict(req.params)
         kwargs: dict[str, Any] = {"model": self.preset.model}
         for name in ("temperature", "top_p", "max_tokens", "n", "seed"):
@@ -405,9 +453,9 @@ class LLMClient:
                 kwargs[name] = p[name]
         if p.get("stop"):
             kwargs["stop"] = p["stop"]
-        idx = min(range(len(self._clients)), key=self._inflight.__getitem__)
-        client = self._clients[idx]
-        self._inflight[idx] += 1
+        client, ends = self._clients[idx], self._endpoints
+        ends.inflight[idx] += 1
+        ends.counts[idx]["sent"] += 1
         try:
             # `post` with a plain JSON body: the same client (auth, errors, connection reuse)
             # without the SDK's per-call parameter transform, a third of its CPU per request.
@@ -419,7 +467,7 @@ class LLMClient:
                 resp = await client.post("/completions", body={**kwargs, "prompt": req.prompt}, cast_to=Completion)
                 choices = [{"text": c.text or "", "finish_reason": c.finish_reason} for c in resp.choices]
         finally:
-            self._inflight[idx] -= 1
+            ends.inflight[idx] -= 1
         if not choices:
             raise ValueError("response has no choices")
         u = resp.usage

@@ -8,7 +8,8 @@
     `n_parallel` slots decoded together in one batch (continuous batching): about 2x the
     tokens/s of the replicas on 2 cores (bench/generate_yield.py).
 - vLLM (`vllm serve`, GPU, Hugging Face id), with LoRA options for serving adapters.
-- A `remote` preset needs no server: its base_url is used as is.
+- A `remote` preset needs no server: its base_url (or its several base_urls, replicas of one
+  model that the client spreads requests over and fails over between) is used as is.
 
 Each server listens on a free port, logs to a file, and is stopped on normal exit, on an
 exception and on Ctrl-C/SIGTERM (its whole process group is killed).
@@ -102,6 +103,10 @@ def vllm_command(preset: ModelPreset, port: int, lora_modules: dict[str, str] | 
         "--max-num-seqs", str(srv.n_parallel),
         "--gpu-memory-utilization", str(srv.gpu_memory_utilization),
     ]
+    if srv.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(srv.tensor_parallel_size)]
+    if srv.data_parallel_size > 1:  # one API server, several engine replicas behind it, balanced by vLLM
+        cmd += ["--data-parallel-size", str(srv.data_parallel_size)]
     if lora_modules:
         cmd += ["--enable-lora", "--lora-modules", *[f"{k}={v}" for k, v in sorted(lora_modules.items())]]
         if max_lora_rank:
@@ -180,7 +185,7 @@ def serve(preset: ModelPreset, log_dir: str | Path, lora_path: str | None = None
           lora_modules: dict[str, str] | None = None, max_lora_rank: int | None = None) -> Iterator[list[str]]:
     """Yield the base URLs to send requests to; start and always stop the servers they need."""
     if preset.engine == "remote":
-        yield [str(preset.base_url)]
+        yield list(preset.base_urls) or [str(preset.base_url)]
         return
     log_dir = Path(log_dir)
     procs: list[ManagedProcess] = []

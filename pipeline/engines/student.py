@@ -12,6 +12,12 @@ device supports bf16 (CUDA: `torch.cuda.is_bf16_supported()`; CPU: oneDNN's bf16
 true on AVX512-BF16/AMX parts), fp32 elsewhere. Whether bitsandbytes can run 4-bit here is
 probed with one tiny layer before the real model loads, so a bad request fails in seconds.
 
+Under `accelerate launch` every process loads its own copy: on its own GPU under DDP
+(LOCAL_RANK), or, under FSDP, where FSDP puts it (with `fsdp_cpu_ram_efficient_loading`
+transformers reads the weights on rank 0 only and FSDP broadcasts them). FSDP flattens each
+wrapped block into one parameter of one dtype, so FSDP-QLoRA stores the packed 4-bit weights in
+the compute dtype (`finetune.quant_storage`, bnb_4bit_quant_storage) instead of uint8.
+
     python -m pipeline.engines.student smollm2-135m-instruct     # build (once) and print the cached folder
 """
 
@@ -41,7 +47,28 @@ COMPLETE_MARKER = ".complete"
 
 
 def device_type() -> str:
+    # `accelerate launch --cpu` (ACCELERATE_USE_CPU) makes the Trainer train on the CPU even beside a GPU: the
+    # model must load there too.
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fsdp_launched() -> bool:
+    """Whether this process was started by `accelerate launch` with an FSDP config (it exports
+    ACCELERATE_USE_FSDP to every process it starts)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def load_device_map(device: str) -> dict | None:
+    """Where from_pretrained puts the weights: this process's own GPU under a multi-GPU launch (every
+    process would otherwise load onto cuda:0), nowhere under FSDP (FSDP moves and shards the blocks,
+    and bitsandbytes then quantizes on the current device, which accelerate set to this rank's)."""
+    if fsdp_launched():
+        return None
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return {"": f"cuda:{int(os.environ['LOCAL_RANK'])}"}
+    return {"": device}
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,7 +180,21 @@ def check_4bit_supported(device: str, compute_dtype: torch.dtype) -> None:
         ) from None
 
 
-def quantization_config(quantization: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:
+def resolve_quant_storage(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """finetune.quant_storage: auto -> the compute dtype under FSDP, else uint8 (bitsandbytes' own default)."""
+    if name == "auto":
+        return compute_dtype if fsdp_launched() else torch.uint8
+    storage = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "float32": torch.float32}[name]
+    if fsdp_launched() and storage != compute_dtype:
+        raise ConfigError(f"finetune.quant_storage={name}: under FSDP the 4-bit weights must be stored in the compute "
+                          f"dtype ({str(compute_dtype).removeprefix('torch.')}), since FSDP flattens a block's weights "
+                          "into one tensor of one dtype; set it to auto")
+    return storage
+
+
+def quantization_config(quantization: str, double_quant: bool, compute_dtype: torch.dtype,
+                        quant_storage: str = "auto") -> Any:
     """The BitsAndBytesConfig of QLoRA (NF4, optional double quantization), or None."""
     if quantization == "none":
         return None
@@ -164,6 +205,7 @@ def quantization_config(quantization: str, double_quant: bool, compute_dtype: to
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=resolve_quant_storage(quant_storage, compute_dtype),
     )
 
 
@@ -255,6 +297,7 @@ def load_student(
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     device: str | None = None,
+    quant_storage: str = "auto",
 ) -> tuple[Any, Any]:
     """(model, tokenizer) of the preset's base model, 4-bit NF4 or in `compute_dtype`.
 
@@ -272,8 +315,8 @@ def load_student(
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype=compute_dtype,
-        quantization_config=quantization_config(quantization, double_quant, compute_dtype),
-        device_map={"": device},
+        quantization_config=quantization_config(quantization, double_quant, compute_dtype, quant_storage),
+        device_map=load_device_map(device),
     )
     log.info("loaded %s from %s (%s, %s) on %s", preset.name, source, quantization, compute_dtype, device)
     return model, tokenizer

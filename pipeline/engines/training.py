@@ -41,10 +41,21 @@ same config and data resumes from the last checkpoint and ends with the same ada
 uninterrupted run; a changed config or dataset starts over (the checkpoints carry a
 fingerprint). A NaN loss, or one above `loss_spike_factor` x the running minimum, stops the
 run with TrainingDiverged.
+
+Several processes (`accelerate launch`, DDP or FSDP; tests/test_distributed.py): the same code runs
+in every process, each loading the student and preparing the same data (the split and the packing
+are seeded, the Trainer's sampler is accelerate's seedable one, shuffled alike in every process and
+sharded between them). The global batch of an optimizer step is `batch_size x grad_accum`
+sequences whatever the number of processes (:func:`per_process_batch`), and the loss is the mean
+over the target tokens of that whole batch (the Trainer counts them across processes), so N
+processes follow the curve of one. Only the main process writes: checkpoints' model and state (the
+Trainer), dvclive curves, samples, the adapter or model, its GGUF export, the merge, and (in the
+stages) metrics.json and resolved_config.yaml; the other processes log warnings only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,6 +64,7 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,14 +80,66 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # dvclive must not phone home fr
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-# Config keys that do not change the trained adapter: changing them keeps the checkpoints.
-NOT_TRAINING_KEYS = ("output_dir", "merge", "export_gguf", "num_threads", "logging_steps", "eval_steps")
+# Config keys that do not change the trained adapter: changing them keeps the checkpoints. quant_storage is
+# only the container dtype of the same 4-bit values.
+NOT_TRAINING_KEYS = ("output_dir", "merge", "export_gguf", "num_threads", "logging_steps", "eval_steps",
+                     "quant_storage")
 # Checkpoints kept: the previous one survives a kill during the newest one's save.
 SAVE_TOTAL_LIMIT = 2
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf or spiked; the message says at which step and what to try."""
+
+
+# ---------------------------------------------------------------------------------------
+# Processes: one, or N under `accelerate launch`
+# ---------------------------------------------------------------------------------------
+
+
+def process_state() -> Any:
+    """This process's place among those `accelerate launch` started (one process when started plainly):
+    accelerate's PartialState, set up as TrainingArguments sets it up (on the CPU where training runs on
+    the CPU: without `cpu=True`, processes started by torchrun on a machine with no GPU would each train
+    alone). The process group exists from here on, so the stages can let the main process write alone
+    before a Trainer exists. The other processes log warnings and errors only: one log per run."""
+    from accelerate import PartialState
+
+    from pipeline.engines.student import device_type
+
+    state = PartialState(cpu=device_type() == "cpu")
+    if not state.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    return state
+
+
+@contextlib.contextmanager
+def replica_stdout() -> Iterator[None]:
+    """Stdout of a process other than the main one of an `accelerate launch` (RANK > 0, as the launcher
+    numbers them) goes nowhere: a stage's summary line is printed once."""
+    if not int(os.environ.get("RANK", "0")):
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def per_process_batch(ft: FinetuneConfig, processes: int) -> tuple[int, int]:
+    """(micro-batch, gradient accumulation steps) of each of `processes` processes.
+
+    The config's batch is the global batch of an optimizer step, `batch_size x grad_accum` sequences, on
+    one process or N, so one config trains the same way (the same steps, learning-rate schedule and loss
+    curve) however it is launched. N processes split it: each takes micro-batches of the largest size up to
+    batch_size (the memory one device was sized for) that divides its share, and accumulates the rest.
+    batch_size 16 x grad_accum 8 on 8 GPUs: 16 x 1 each; batch_size 2 x grad_accum 2 on 2 processes: 2 x 1.
+    """
+    total = ft.batch_size * ft.grad_accum
+    if total % processes:
+        raise ConfigError(f"finetune.batch_size x finetune.grad_accum = {total} sequences per optimizer step cannot "
+                          f"be split evenly between {processes} processes: make it a multiple of {processes}")
+    share = total // processes
+    micro = max(d for d in range(1, min(ft.batch_size, share) + 1) if share % d == 0)
+    return micro, share // micro
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,19 +377,40 @@ def keep_4bit_layers_differentiable(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def prepare_quantized(model: Any) -> Any:
+    """A 4-bit base made ready for LoRA: fp32 norms/embeddings, frozen base (checkpointing is enabled by
+    the Trainer). Not under FSDP: FSDP flattens each block into one parameter of one dtype (the 4-bit
+    weights are stored in the compute dtype for that), which fp32 norms would break; TRL's SFTTrainer
+    skips this preparation for sharded QLoRA for the same reason."""
+    from peft import prepare_model_for_kbit_training
+
+    from pipeline.engines.student import fsdp_launched
+
+    if not fsdp_launched():
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    keep_4bit_layers_differentiable(model)
+    return model
+
+
+def peft_kwargs(quantized: bool) -> dict:
+    """Sharded QLoRA keeps the adapters in the base's dtype (peft would upcast them to fp32), as TRL does."""
+    from pipeline.engines.student import fsdp_launched
+
+    return {"autocast_adapter_dtype": False} if quantized and fsdp_launched() else {}
+
+
 def add_lora(model: Any, ft: FinetuneConfig, preset: ModelPreset, quantized: bool, seed: int) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     targets = resolve_targets(model, ft, preset)
-    if quantized:  # fp32 norms/embeddings, frozen base; checkpointing is enabled by the Trainer
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        keep_4bit_layers_differentiable(model)
+    if quantized:
+        model = prepare_quantized(model)
     model.config.use_cache = False  # the KV cache is useless in training and breaks checkpointing
     set_seed(seed)  # LoRA A's initialisation draws from the global RNG
     lora = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora, **peft_kwargs(quantized))
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,6 +485,8 @@ def make_callbacks(ft: FinetuneConfig, live_dir: Path, section: str = "finetune"
             self.tokens_logged = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # one writer of the curves: the main process
+                return
             last = run_totals(state.log_history)
             self.busy_before = last.get("busy_s", 0.0)
             self.tokens_logged = state.num_input_tokens_seen
@@ -424,7 +511,8 @@ def make_callbacks(ft: FinetuneConfig, live_dir: Path, section: str = "finetune"
             self.live.make_summary()
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.live.end()
+            if self.live is not None:
+                self.live.end()
 
     return [LossGuard(), LiveLogger()]
 
@@ -493,17 +581,19 @@ def finished(checkpoint: Path) -> bool:
     return state.get("global_step", 0) >= state.get("max_steps", math.inf)
 
 
-def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    """The last complete checkpoint of this very run, or None; stale or partial ones are removed."""
+def resume_point(ckpt_dir: Path, fingerprint: str, clean: bool = True) -> Path | None:
+    """The last complete checkpoint of this very run, or None; stale or partial ones are removed. With
+    `clean=False` (the other processes of a launch, after the main one cleaned) nothing is written."""
     marker = ckpt_dir / "fingerprint.txt"
-    if ckpt_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+    stale = ckpt_dir.is_dir() and (not marker.is_file() or marker.read_text().strip() != fingerprint)
+    if not clean:
+        return None if stale or not ckpt_dir.is_dir() else _last_complete(ckpt_dir)
+    if stale:
         log.warning("checkpoints in %s are from another config or dataset: starting over", ckpt_dir)
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
-                   key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
-    for checkpoint in found:
+    for checkpoint in _checkpoints(ckpt_dir):
         if _trainer_state(checkpoint) is not None:
             return checkpoint
         log.warning("removing %s: incomplete (the run was killed while saving it)", checkpoint)
@@ -511,17 +601,48 @@ def resume_point(ckpt_dir: Path, fingerprint: str) -> Path | None:
     return None
 
 
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest first."""
+    return sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                  key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+
+
+def _last_complete(ckpt_dir: Path) -> Path | None:
+    return next((p for p in _checkpoints(ckpt_dir) if _trainer_state(p) is not None), None)
+
+
 # ---------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------
 
 
-def save_adapter(model: Any, out_dir: Path) -> Path:
-    """adapter/ written beside, then swapped in: a killed save never leaves half an adapter."""
+def _save_trained(trainer: Any, tmp: Path) -> bool:
+    """Save the trained model (an adapter, or a whole model) into `tmp`; whether this process wrote it.
+    Under FSDP each process holds a shard: every process takes part in gathering the full state dict
+    and the Trainer writes it from the main process; otherwise only the main process saves."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(tmp))
+        if trainer.accelerator.is_main_process:
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # the same files as an unsharded save
+        return trainer.accelerator.is_main_process
+    if not trainer.accelerator.is_main_process:
+        return False
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), safe_serialization=True)
+    return True
+
+
+def save_adapter(trainer: Any, out_dir: Path) -> Path | None:
+    """adapter/ written beside, then swapped in: a killed save never leaves half an adapter. Written by the
+    main process only (None in the others)."""
     final = out_dir / "adapter"
-    tmp = out_dir / f".adapter.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    # One name for every process: under FSDP they all pass it to the Trainer, which writes from the main one.
+    tmp = out_dir / ".adapter.tmp"
+    if trainer.accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _save_trained(trainer, tmp):
+        return None
     # PEFT writes target_modules from a set, in an order that changes from process to process:
     # sorted, the same adapter is the same bytes (and DVC sees no change).
     config_path = tmp / "adapter_config.json"
@@ -621,15 +742,16 @@ def train_or_restore(trainer: Any, resume: Path | None) -> None:
 
 
 def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: str, dtype: torch.dtype,
-                       has_eval: bool, progress: bool) -> Any:
+                       has_eval: bool, progress: bool, processes: int = 1) -> Any:
     from transformers import TrainingArguments
 
     periodic_eval = has_eval and ft.eval_steps > 0
+    micro, accum = per_process_batch(ft, processes)
     return TrainingArguments(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=ft.batch_size,
-        per_device_eval_batch_size=ft.batch_size,
-        gradient_accumulation_steps=ft.grad_accum,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
         learning_rate=ft.learning_rate,
         lr_scheduler_type=ft.lr_scheduler,
         warmup_steps=ft.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
@@ -652,6 +774,9 @@ def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: st
         # Paged optimizers move state to host memory under pressure: CUDA only.
         optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",
         use_cpu=device == "cpu",
+        # Every trainable weight (LoRA, or the whole model) gets a gradient every step: DDP need not search
+        # the graph for unused ones (the Trainer would, for a PEFT model).
+        ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -663,16 +788,15 @@ def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: st
 def load_trainable_adapter(model: Any, adapter_dir: Path, quantized: bool) -> Any:
     """The student with an earlier phase's adapter, trainable: phase 2 continues phase 1's LoRA
     (its rank and targets), so one adapter carries both phases, as one model carries phi-1's."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"the adapter to continue, {adapter_dir}/, does not exist (adapter_config.json): run the "
                           "phase that writes it first, or switch that phase off")
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        keep_4bit_layers_differentiable(model)
+        model = prepare_quantized(model)
     model.config.use_cache = False
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True, **peft_kwargs(quantized))
 
 
 @dataclass
@@ -708,7 +832,11 @@ def _sampler_callback(sampler: Sampler, tok: Any) -> Any:
 
     class SampleLogger(TrainerCallback):
         def _write(self, state, model) -> None:
+            # Every process generates (under FSDP generation is a collective: each holds a shard of the
+            # weights), the main one writes.
             texts = sample_completions(model, tok, sampler.prompts, sampler.max_new_tokens)
+            if not state.is_world_process_zero:
+                return
             with sampler.path.open("a", encoding="utf-8") as fh:
                 for prompt, text in zip(sampler.prompts, texts, strict=True):
                     fh.write(dumps({"step": state.global_step, "prompt": prompt, "completion": text}) + "\n")
@@ -728,18 +856,22 @@ def _run_trainer(ft: FinetuneConfig, model: Any, tok: Any, data: Prepared, out_d
                  sampler: Sampler | None = None) -> tuple[Any, dict]:
     """Train `model` (an adapter or a whole model) with resumable checkpoints; (trainer, metrics)."""
     ckpt_dir = out_dir / "checkpoints"
-    resume = resume_point(ckpt_dir, fingerprint)
+    processes = process_state()
+    main = processes.is_main_process
+    with processes.main_process_first():  # the main process removes stale checkpoints before the others look
+        resume = resume_point(ckpt_dir, fingerprint, clean=main)
     if resume is not None:
         log.info("resuming from %s", resume)
     own = make_callbacks(ft, out_dir / "dvclive", section)
     if sampler is not None:
-        if resume is None:
+        if resume is None and main:
             sampler.path.unlink(missing_ok=True)
         own.append(_sampler_callback(sampler, tok))
     PackingTrainer, _ = _trainer_classes()
+    args = training_arguments(ft, ckpt_dir, seed, device, dtype, bool(data.eval), progress, processes.num_processes)
     trainer = PackingTrainer(
         model=model,
-        args=training_arguments(ft, ckpt_dir, seed, device, dtype, bool(data.eval), progress),
+        args=args,
         train_dataset=ListDataset(data.train),
         eval_dataset=ListDataset(data.eval) if data.eval else None,
         data_collator=Collator(tok.pad_token_id, ft.packing),
@@ -756,7 +888,8 @@ def _run_trainer(ft: FinetuneConfig, model: Any, tok: Any, data: Prepared, out_d
     eval_loss = final_eval_loss(trainer) if data.eval else None
     # The curves from the whole log history, the final evaluation included: the same folder
     # whether this run trained, resumed, or only restored a finished checkpoint.
-    write_live(out_dir / "dvclive", trainer.state.log_history).end()
+    if main:
+        write_live(out_dir / "dvclive", trainer.state.log_history).end()
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     trainable, total = model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters") else (
         sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
@@ -770,6 +903,10 @@ def _run_trainer(ft: FinetuneConfig, model: Any, tok: Any, data: Prepared, out_d
         "train_tokens": trainer.state.num_input_tokens_seen,
         "tokens_per_s": round(run_tokens_per_s(trainer.state.log_history), 2),  # the whole run, across resumes
         "train_s": round(train_s, 2),
+        "processes": args.world_size,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "per_device_batch": args.per_device_train_batch_size,
+        "grad_accum_per_process": args.gradient_accumulation_steps,
         "trainable_params": trainable,
         "total_params": total,
         "examples": {**asdict(data.stats), "train": data.train_examples, "eval": data.eval_examples, **data.extra},
@@ -803,7 +940,7 @@ def train_adapter(ft: FinetuneConfig, preset: ModelPreset, records: list[dict], 
     device = device_type()
     dtype = resolve_compute_dtype(ft.compute_dtype, device)
     quantized = ft.quantization == "nf4"
-    model, tok = load_student(preset, ft.quantization, ft.double_quant, dtype, device)
+    model, tok = load_student(preset, ft.quantization, ft.double_quant, dtype, device, ft.quant_storage)
     base_config = model.config.to_dict()
     if ft.export_gguf:
         check_supported(base_config["model_type"])
@@ -820,12 +957,13 @@ def train_adapter(ft: FinetuneConfig, preset: ModelPreset, records: list[dict], 
     trainer, metrics = _run_trainer(ft, model, tok, data, out_dir, seed,
                                     run_fingerprint(ft, seed, preset, dataset_sha, init_sha), section=section,
                                     device=device, dtype=dtype, progress=progress, callbacks=callbacks, sampler=sampler)
-    weights_dir.mkdir(parents=True, exist_ok=True)
-    adapter_dir = save_adapter(trainer.model, weights_dir)
+    adapter_dir = save_adapter(trainer, weights_dir)
     metrics = {"student": preset.name, "device": device, "quantization": ft.quantization,
                "compute_dtype": str(dtype).removeprefix("torch."),
                "init_adapter": str(init_adapter) if init_adapter else None, **metrics}
     del trainer, model  # free the training model before merging
+    if adapter_dir is None:  # not the main process: the main one exports, merges and writes
+        return metrics
     if ft.export_gguf:
         metrics["gguf_adapter"] = export_lora_gguf(adapter_dir, base_config, weights_dir / "adapter.gguf")["path"]
     if ft.merge:
@@ -860,13 +998,14 @@ def train_model(ft: FinetuneConfig, model: Any, tok: Any, records: list[dict], o
     trainer, metrics = _run_trainer(ft, model, tok, data, out_dir, seed, digest, section=section, device=device,
                                     dtype=dtype, progress=progress, callbacks=callbacks, sampler=sampler)
     target = weights_dir / "model"
-    tmp = weights_dir / f".model.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.config.use_cache = True
-    trainer.model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    tmp = weights_dir / ".model.tmp"  # one name for every process (see save_adapter)
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    if _save_trained(trainer, tmp):
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
     peak, kind = peak_memory_bytes(device)
     return {"device": device, "compute_dtype": str(dtype).removeprefix("torch."), **metrics, "model_dir": str(target),
             "peak_memory_mb": round(peak / 2**20, 1), "peak_memory_kind": kind, "wall_s": round(time.monotonic() - t0, 2)}

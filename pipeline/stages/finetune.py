@@ -19,6 +19,10 @@ LoRA), merged/ (optional bf16 merged model), metrics.json, dvclive/ (per-step pl
 eval loss, learning rate, grad norm, tokens/s), resolved_config.yaml, checkpoints/.
 
     textbook finetune --set finetune.student=smollm2-135m-instruct --set finetune.max_steps=4
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m pipeline finetune   # N processes
+
+Under `accelerate launch` every process runs this stage and trains its share of each global batch;
+the main process alone writes the outputs and prints the summary.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from pathlib import Path
 from pipeline.core.config import ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
 from pipeline.core.records import write_json
 from pipeline.core.stage import stage_cli, write_resolved_config
-from pipeline.engines.training import TrainingDiverged, load_records, train_adapter
+from pipeline.engines.training import (
+    TrainingDiverged,
+    load_records,
+    process_state,
+    replica_stdout,
+    train_adapter,
+)
 
 
 def phase_one_output(cfg: RunConfig, preset: ModelPreset) -> tuple[ModelPreset, Path | None]:
@@ -80,12 +90,16 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     root = configs_dir(config_path)
     preset = load_preset(ft.student, root)
     records = load_records(Path(ft.dataset_dir), "finetune")  # bad input fails before a model loads
+    main = process_state().is_main_process  # under `accelerate launch`, only the main process writes
     out_dir = Path(ft.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(cfg, root, "finetune", out_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(cfg, root, "finetune", out_dir)
     if not ft.enabled:
-        metrics = {"student": preset.name, **pass_through(cfg, out_dir), "wall_s": round(time.monotonic() - t0, 2)}
-        write_json(out_dir / "metrics.json", metrics)
+        done = pass_through(cfg, out_dir) if main else {"enabled": False}
+        metrics = {"student": preset.name, **done, "wall_s": round(time.monotonic() - t0, 2)}
+        if main:
+            write_json(out_dir / "metrics.json", metrics)
         return metrics
     chosen = [r for r in records if r["kind"] in ft.kinds]
     if not chosen:
@@ -99,11 +113,13 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callb
                "phase_one": f"pretrain-{cfg.pretrain.mode}" if cfg.pretrain.enabled else None,
                **{k: v for k, v in metrics.items() if k != "student"},
                "wall_s": round(time.monotonic() - t0, 2)}
-    write_json(out_dir / "metrics.json", metrics)
+    if main:
+        write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def main(args) -> int:
     # A diverged run is a clear message and exit status 3, not a traceback; the checkpoints stay.
-    return stage_cli(run_finetune, args, lambda m: {k: m.get(k) for k in ("steps", "train_loss", "eval_loss", "tokens_per_s", "peak_memory_mb")},
-                     {TrainingDiverged: ("training diverged", 3)})
+    with replica_stdout():
+        return stage_cli(run_finetune, args, lambda m: {k: m.get(k) for k in ("steps", "train_loss", "eval_loss", "tokens_per_s", "peak_memory_mb")},
+                         {TrainingDiverged: ("training diverged", 3)})

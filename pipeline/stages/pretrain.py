@@ -20,7 +20,8 @@ false` (the dataclass default) writes only a marker and finetune starts from the
 
 Outputs (in `pretrain.output_dir`): weights/ (adapter/ + adapter.gguf, or model/, or the
 DISABLED marker), metrics.json, samples.jsonl, dvclive/, resolved_config.yaml, checkpoints/.
-A killed run resumes from its last checkpoint, as finetune does.
+A killed run resumes from its last checkpoint, as finetune does. Under `accelerate launch` (DDP or
+FSDP) every process trains its share of each global batch and the main process alone writes.
 
     textbook pretrain --set pretrain.enabled=true --set pretrain.max_steps=4
     textbook pretrain --set pretrain.enabled=true --set pretrain.mode=scratch --set pretrain.scratch.layers=2
@@ -45,7 +46,15 @@ from pipeline.core.config import (
 )
 from pipeline.core.records import RecordError, read_jsonl, write_json
 from pipeline.core.stage import stage_cli, write_resolved_config
-from pipeline.engines.training import Sampler, TrainingDiverged, load_records, train_adapter, train_model
+from pipeline.engines.training import (
+    Sampler,
+    TrainingDiverged,
+    load_records,
+    process_state,
+    replica_stdout,
+    train_adapter,
+    train_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +129,13 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     pt = cfg.pretrain
     root = configs_dir(config_path)
     out_dir = Path(pt.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(cfg, root, "pretrain", out_dir)
+    main = process_state().is_main_process  # under `accelerate launch`, only the main process writes
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(cfg, root, "pretrain", out_dir)
     if not pt.enabled:
+        if not main:
+            return {"enabled": False}
         metrics = disabled(out_dir, pt.weights_dir)
         write_json(out_dir / "metrics.json", metrics)
         return metrics
@@ -136,10 +149,12 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
                           "pretrain.extra_corpus is empty: nothing to pretrain on")
     ft = phase_config(cfg)
     weights = pt.weights_dir
-    (weights / "DISABLED").unlink(missing_ok=True)
+    if main:
+        (weights / "DISABLED").unlink(missing_ok=True)
     sampler = Sampler(list(pt.sample_prompts), pt.sample_steps, pt.sample_tokens, out_dir / "samples.jsonl")
     if pt.mode == "lora":
-        shutil.rmtree(weights / "model", ignore_errors=True)
+        if main:
+            shutil.rmtree(weights / "model", ignore_errors=True)
         metrics = train_adapter(ft, preset, records, out_dir, cfg.seed, section="pretrain", weights_dir=weights,
                                 sampler=sampler, progress=progress, callbacks=callbacks)
     else:
@@ -147,7 +162,7 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
 
         from pipeline.engines.student import load_student, load_tokenizer, model_source
 
-        for stale in ("adapter", "adapter.gguf"):
+        for stale in ("adapter", "adapter.gguf") if main else ():
             target = weights / stale
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         if pt.mode == "full":
@@ -167,11 +182,13 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     metrics = {"enabled": True, "mode": pt.mode, "kinds": list(pt.kinds),
                "records": counts,
                **metrics, "wall_s": round(time.monotonic() - t0, 2)}
-    write_json(out_dir / "metrics.json", metrics)
+    if main:
+        write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def main(args) -> int:
     # A diverged run is a clear message and exit status 3, not a traceback; the checkpoints stay.
-    return stage_cli(run_pretrain, args, lambda m: {k: m.get(k) for k in ("enabled", "mode", "steps", "train_loss", "eval_loss", "tokens_per_s")},
-                     {TrainingDiverged: ("training diverged", 3)})
+    with replica_stdout():
+        return stage_cli(run_pretrain, args, lambda m: {k: m.get(k) for k in ("enabled", "mode", "steps", "train_loss", "eval_loss", "tokens_per_s")},
+                         {TrainingDiverged: ("training diverged", 3)})
