@@ -15,10 +15,15 @@ from pipeline.core.records import RecordError, dumps
 from pipeline.stages import dedupe
 from pipeline.stages.dedupe import (
     MinHasher,
+    band_hashes,
     candidate_pairs,
+    candidate_probability,
     estimate_jaccard,
     jaccard,
+    lsh_candidates,
+    lsh_params,
     optimal_bands,
+    residual_pairs,
     run_dedupe,
     shingle_set,
     tokenize,
@@ -220,7 +225,7 @@ def test_without_exact_dedupe_copies_go_as_near_duplicates_and_main_prints_a_sum
         f"dedupe.input_dir={tmp_path}/in", f"dedupe.output_dir={tmp_path}/out", "dedupe.exact=false"])
     assert dedupe.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["removed"] == {"exercise": 1, "textbook": 0} and summary["bands"] == 9
+    assert summary["removed"] == {"exercise": 1, "textbook": 0} and summary["bands"] == 16  # dedupe.candidate_recall 0.99 at 0.8: 16 bands of 6 rows
     [removed] = read(tmp_path, "removed.jsonl")
     assert (removed["duplicate_of"], removed["kind_of_duplicate"], removed["jaccard"]) == ("ex-000001", "near", 1.0)
 
@@ -345,6 +350,8 @@ def test_a_bad_record_deep_in_a_pooled_run_names_its_line(tmp_path, monkeypatch)
 def test_threshold_out_of_range_is_a_config_error():
     with pytest.raises(ConfigError, match=r"dedupe\.threshold"):
         load_config(REPO / "params.yaml", ["dedupe.threshold=1.5"])
+    with pytest.raises(ConfigError, match=r"dedupe\.candidate_recall"):
+        load_config(REPO / "params.yaml", ["dedupe.candidate_recall=1.0"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -381,6 +388,68 @@ def test_candidate_pairs_from_buckets():
     big = np.zeros((40, 1), np.uint64)  # one huge bucket: a star plus a chain, O(size) pairs
     pairs = candidate_pairs(big, all_pairs_bucket=16)
     assert len(pairs) == 39 + 38 and (pairs[:, 0] < pairs[:, 1]).all()
+
+
+def test_bands_and_rows_meet_the_candidate_recall_at_the_threshold():
+    bands, rows = lsh_params(0.8, 128, 0.99)
+    assert (bands, rows) == (16, 6) and candidate_probability(0.8, bands, rows) >= 0.99
+    # The balanced choice it replaces: a pair at exactly 0.8 became a candidate 40% of the time.
+    assert lsh_params(0.8, 128, 0.0) == optimal_bands(0.8, 128) == (9, 13)
+    assert candidate_probability(0.8, 9, 13) < 0.41
+
+
+def crowded_family(n: int = 60, source: int = 20, copy: int = 55, seed: int = 0) -> np.ndarray:
+    """Signatures (16 bands x 6 rows) of records sharing boilerplate: at each position a member takes
+    the boilerplate's value 85% of the time, else one of its own. Row `copy` is a near copy of row
+    `source` built so that every band where the two agree is all boilerplate: they meet only in
+    crowded buckets, yet share some of source's own values (at positions of bands they differ in)."""
+    rng = np.random.default_rng(seed)
+    boiler = rng.integers(1, 2**32, 96, dtype=np.uint32)
+    sig = np.where(rng.random((n, 96)) < 0.85, boiler, rng.integers(1, 2**32, (n, 96), dtype=np.uint32))
+    sig[copy] = sig[source]
+    for band in range(16):
+        own = [p for p in range(band * 6, band * 6 + 6) if sig[source, p] != boiler[p]]
+        if own:  # the band differs from source's: one of source's own values is replaced
+            sig[copy, own[-1]] = rng.integers(1, 2**32, dtype=np.uint32)
+    return sig.astype(np.uint32)
+
+
+def test_a_near_pair_inside_a_crowded_bucket_is_found_by_its_own_signature_values():
+    sig = crowded_family()
+    assert (sig[20] == sig[55]).mean() >= 0.8  # a near copy: most positions agree
+    bh = band_hashes(sig, 16, 6)
+    # Bucket by bucket the pair only ever meets in crowded buckets, where the star's centre is an
+    # unrelated lower row and other members sit between them: star and chain edges miss it.
+    assert [20, 55] not in candidate_pairs(bh).tolist()
+    pairs, crowded = lsh_candidates(bh)
+    assert crowded[20] and crowded[55]
+    rows = np.flatnonzero(crowded)
+    found = rows[residual_pairs(sig[rows])]
+    # Only the near copy shares values of a member's own: unrelated members are not paired.
+    assert found.tolist() == [[20, 55]]
+
+
+def test_the_stage_finds_a_near_copy_inside_a_family_sharing_boilerplate(tmp_path):
+    prelude = LONG_BODY.rsplit("\n", 1)[0]
+    rng = np.random.default_rng(3)
+
+    def member(i: int) -> dict:
+        names = [f"{['total', 'level', 'spread', 'gap'][k]}_{i}_{k}" for k in range(4)]
+        body = "\n".join(f"    {names[k]} = {names[k - 1] if k else 'ratio'} * {rng.integers(2, 99)} + "
+                         f"{rng.integers(2, 99)}" for k in range(4))
+        return exercise(f"ex-{i:06d}", f'def check_{i}(readings, window, limit):\n    """Check {i}."""',
+                        f"{prelude}\n{body}\n    return {names[-1]}")
+
+    family = [member(i) for i in range(1, 121)]
+    copy = json.loads(dumps(family[19]))
+    copy["id"] = "ex-900000"
+    copy["parsed"]["solution"] = copy["parsed"]["solution"].replace("_20_1", "_20_one").replace("_20_2", "_20_two")
+    write_inputs(tmp_path, [*family, copy], [])
+    sets = [shingle_set("exercise", dedupe.record_text("exercise", r["parsed"]), 5) for r in (*family[:3], copy)]
+    assert jaccard(sets[0], sets[1]) < 0.8 and jaccard(sets[1], sets[2]) < 0.8  # members are not duplicates
+    stats = run(tmp_path)
+    assert [(r["id"], r["duplicate_of"]) for r in read(tmp_path, "removed.jsonl")] == [("ex-900000", "ex-000020")]
+    assert stats["exercise"]["crowded_rows"] > 16 and stats["lsh"]["p_candidate_at_threshold"] >= 0.99
 
 
 def test_duplicate_rate_per_1000_follows_generation_order(tmp_path):

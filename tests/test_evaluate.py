@@ -563,3 +563,52 @@ def test_a_problem_whose_function_is_called_check_runs():
             evaluate.Job(conv.reference_program(problem), test=test, check=problem["check_call"]),
             evaluate.Job("def check(n):\n    return n == 73\n", test=test, check=problem["check_call"])])
     assert ok.passed and wrong.status == "failed"
+
+
+# ---------------------------------------------------------------------------------------
+# EvalPlus's local chat convention: the answer begun for the model (evaluate.chat_prefill)
+# ---------------------------------------------------------------------------------------
+
+
+def _prefill_setup(*overrides: str):
+    from pipeline.stages.evaluate import Bench, Target
+
+    cfg = load_config(REPO_ROOT / "params.yaml", ["evaluate.chat_prefill=true", *overrides])
+    problems = load_problems(2)
+    bench = Bench("humaneval", problems, 164, Convention("evalplus", "humaneval"))
+    teacher = load_preset("qwen2.5-coder-0.5b-instruct", REPO_ROOT / "configs")  # llama-server
+    return cfg, bench, Target, teacher
+
+
+def test_chat_prefill_begins_the_answer_and_cuts_it_at_the_block_end():
+    from pipeline.engines.llm import LLMResult
+    from pipeline.stages.evaluate import build_requests, completions_for
+
+    cfg, bench, Target, teacher = _prefill_setup()
+    target = Target("teacher", teacher, "llamacpp")
+    reqs = build_requests(target, bench, cfg.evaluate, cfg.seed)
+    user, begun = reqs[0].messages
+    assert user["content"].startswith("Please provide a self-contained Python script") and "\n```\n" in user["content"]
+    assert begun == {"role": "assistant", "content": "Below is a Python script with a self-contained function that "
+                                                      "solves the problem and passes corresponding tests:\n```python\n"}
+    assert "\n```\n" in reqs[0].params["stop"] and "\nprint(" in reqs[0].params["stop"]
+    entry = bench.problems[0]["entry_point"]
+    # The server continued inside the block; a server that ignores the stop string runs on past its end.
+    raw = f"def {entry}(numbers, threshold):\n    return True\n```\n\nThis function ... {entry}([1.0], 0.5)"
+    for returned in (raw, begun["content"] + raw):  # vLLM: the continuation; llama-server: begun text + it
+        results = {r.id: LLMResult(r.id, "k", choices=[{"text": returned, "finish_reason": "stop"}]) for r in reqs}
+        rows = completions_for(target, bench, reqs, results, cfg.evaluate)
+        assert rows[0]["completion"] == f"def {entry}(numbers, threshold):\n    return True"
+        assert f"def {entry}(numbers, threshold):" in rows[0]["program"] and "This function" not in rows[0]["program"]
+
+
+def test_chat_prefill_needs_a_server_that_continues_and_the_evalplus_harness():
+    from pipeline.stages.evaluate import build_requests
+
+    cfg, bench, Target, teacher = _prefill_setup()
+    plain = load_preset("smollm2-135m-instruct", REPO_ROOT / "configs")  # llama-cpp-python: no prefill
+    with pytest.raises(ConfigError, match="evaluate.chat_prefill: the teacher model .*not served by llama-server"):
+        build_requests(Target("teacher", plain, "llamacpp"), bench, cfg.evaluate, cfg.seed)
+    assert build_requests(Target("teacher", plain, "vllm"), bench, cfg.evaluate, cfg.seed)  # vLLM is asked to
+    with pytest.raises(ConfigError, match="evaluate.chat_prefill.*harness evalplus"):
+        load_config(REPO_ROOT / "params.yaml", ["evaluate.chat_prefill=true", "evaluate.harness=bigcode"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.config import load_config
-from pipeline.core.records import RecordError, read_jsonl, run_sharded, write_jsonl
+from pipeline.core.records import RecordError, iter_sharded, read_jsonl, write_jsonl
 from pipeline.stages.filter import run_filter
 from pipeline.stages.generate import parse_exercise
 
@@ -75,10 +75,11 @@ CASES = {
 }
 
 
-def stage(tmp_path: Path, records: list[dict], *overrides: str) -> dict:
+def stage(tmp_path: Path, records: list[dict], *overrides: str, sort: bool = True) -> dict:
     inp = tmp_path / "in"
-    write_jsonl(inp / "exercises.jsonl", [r for r in records if r["kind"] == "exercise"])
-    write_jsonl(inp / "textbooks.jsonl", [r for r in records if r["kind"] == "textbook"])
+    order = "id" if sort else None
+    write_jsonl(inp / "exercises.jsonl", [r for r in records if r["kind"] == "exercise"], sort_key=order)
+    write_jsonl(inp / "textbooks.jsonl", [r for r in records if r["kind"] == "textbook"], sort_key=order)
     cfg = load_config(REPO / "params.yaml", [f"filter.input_dir={inp}", f"filter.output_dir={tmp_path / 'out'}",
                                              "filter.sandbox.timeout_s=1.5", "filter.assert_policy=all", *overrides])
     return run_filter(cfg, REPO / "params.yaml", progress=False)
@@ -103,10 +104,14 @@ def test_every_record_lands_on_the_right_side_with_its_reason(tmp_path):
     assert "add_up([1, 2, 3]) == 6" in rejected["ex-01"]["filter_detail"]  # names the failing assert
 
 
-def test_outputs_are_deterministic(tmp_path):
+def test_outputs_are_deterministic(tmp_path, caplog):
+    # Sorted files (as generate writes them) stream through; unsorted ones are sorted in memory: same outputs.
     records = [rec for rec, _ in CASES.values()]
     stage(tmp_path / "a", records)
-    stage(tmp_path / "b", list(reversed(records)))
+    assert "not sorted by id" not in caplog.text
+    stage(tmp_path / "b", list(reversed(records)), sort=False)
+    assert (tmp_path / "b/in/exercises.jsonl").read_text() != (tmp_path / "a/in/exercises.jsonl").read_text()
+    assert "not sorted by id" in caplog.text
     for name in ("exercises.jsonl", "textbooks.jsonl", "rejected.jsonl"):
         assert (tmp_path / "a/out" / name).read_bytes() == (tmp_path / "b/out" / name).read_bytes()
 
@@ -135,9 +140,11 @@ def test_empty_input_gives_empty_outputs(tmp_path):
     assert (tmp_path / "out/exercises.jsonl").read_text() == ""
 
 
-def test_run_sharded_resumes_after_a_crash(tmp_path):
-    items = [{"id": i} for i in range(10)]
+def test_sharded_work_streams_and_resumes_after_a_crash(tmp_path):
     calls = []
+
+    def items():  # a stream: the shards are cut from it as it goes
+        yield from ({"id": i} for i in range(10))
 
     def fn(shard):
         calls.append([r["id"] for r in shard])
@@ -146,14 +153,19 @@ def test_run_sharded_resumes_after_a_crash(tmp_path):
             raise KeyboardInterrupt  # the stage dies in its third shard
         return [{**r, "double": r["id"] * 2} for r in shard]
 
+    def run(fingerprint: str) -> list[dict]:
+        return list(iter_sharded(items(), 3, tmp_path / "w", fingerprint, fn))
+
+    results = iter_sharded(items(), 3, tmp_path / "w", "fp", fn)
+    assert next(results) == {"id": 0, "double": 0} and calls == [[0, 1, 2]]  # one shard done, not the rest
     with pytest.raises(KeyboardInterrupt):
-        run_sharded(items, 3, tmp_path / "w", "fp", fn)
+        list(results)
     calls.clear()
-    out = run_sharded(items, 3, tmp_path / "w", "fp", fn)
+    out = run("fp")
     assert calls == [[6, 7, 8], [9]]  # the two finished shards were not redone
     assert out == [{"id": i, "double": 2 * i} for i in range(10)]
     calls.clear()
-    run_sharded(items, 3, tmp_path / "w", "other-config", fn)
+    run("other-config")
     assert len(calls) == 4  # another config matches no finished shard
 
 

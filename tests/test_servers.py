@@ -101,6 +101,21 @@ def test_llama_server_decodes_concurrent_requests_in_slots_then_stops(tmp_path):
     assert "--parallel 4" in (tmp_path / "llama-server-smollm2-135m-instruct.log").read_text()
 
 
+@pytest.mark.slow
+def test_llama_server_continues_a_begun_answer(tmp_path):
+    # evaluate.chat_prefill relies on it: a final assistant message is continued, not answered anew.
+    preset = _batched(SMOL, 1)
+    messages = [{"role": "user", "content": "Count from one to ten, digits separated by commas."},
+                {"role": "assistant", "content": "1, 2, 3, 4, 5,"}]
+    with serve(preset, tmp_path) as urls:
+        r = httpx.post(f"{urls[0]}/chat/completions", timeout=120, json={
+            "model": preset.model, "messages": messages, "max_tokens": 8, "temperature": 0})
+    text = r.json()["choices"][0]["message"]["content"]
+    # It returns the begun text with the continuation (vLLM the continuation alone): the evaluator strips it.
+    assert r.status_code == 200 and text.startswith("1, 2, 3, 4, 5,")
+    assert text.removeprefix("1, 2, 3, 4, 5,").lstrip().startswith("6"), text
+
+
 def test_vllm_parallelism_reaches_the_command_and_the_cache_identity():
     base = load_preset("vllm-qwen2.5-coder-32b-instruct", REPO_ROOT / "configs")
     dp = dataclasses.replace(base, server=dataclasses.replace(base.server, data_parallel_size=4))

@@ -3,9 +3,13 @@ Qwen2.5-Coder-0.5B-Instruct) on all 164 problems with the evaluate stage, and se
 it. A gap larger than 4-bit quantization explains is a harness defect to find. Outputs in eval/validation/
 (committed): metrics.json, per_problem.json, samples_teacher.jsonl, comparison.json, README.md.
 
+It uses EvalPlus's convention for a locally served instruct model (`evaluate.chat_prefill`: the answer
+begun for the model with EvalPlus's response prefix inside an open code block), the one behind published
+open-model scores; EvalPlus's API convention (the instruction only) is the other figure.
+
     .venv/bin/python tools/validate.py                       # ~30 min on 2 cores (llama.cpp, Q4_K_M)
     .venv/bin/python tools/validate.py --problems 20         # a quick look (not a validation)
-    .venv/bin/python tools/validate.py --set evaluate.harness=bigcode --out eval/validation-bigcode
+    .venv/bin/python tools/validate.py --set evaluate.chat_prefill=false --out eval/validation/api_convention
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = ["evaluate.models=[teacher]", f"evaluate.problems={args.problems}", f"evaluate.output_dir={args.out}",
-                 "evaluate.max_tokens=768", *args.overrides]  # 768: EvalPlus's max_new_tokens
+                 "evaluate.max_tokens=768", "evaluate.chat_prefill=true",  # 768: EvalPlus's max_new_tokens
+                 *args.overrides]
     cfg = load_config("params.yaml", overrides)
     metrics = run_evaluate(cfg, Path("params.yaml"), progress=True)
     out = Path(args.out)

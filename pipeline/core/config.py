@@ -419,12 +419,17 @@ class DedupeConfig:
     num_perm: int = opt(128, help="MinHash permutations.")
     shingle_size: int = opt(5, help="Code-aware token shingles of this many tokens.")
     threshold: float = opt(0.8, help="Jaccard similarity at or above which two records are near duplicates.")
+    candidate_recall: float = opt(0.99, help="Probability that two records at exactly the threshold become LSH "
+                                             "candidates; bands and rows are the fewest-false-positive choice that "
+                                             "meets it (0 = datasketch's balanced choice, ~0.4 at 0.8).")
     workers: int = opt(0, help="Worker processes for shingling and MinHash; 0 = all cores.")
 
     def __post_init__(self) -> None:
         check(0 < self.threshold <= 1, "dedupe.threshold", f"must be in (0, 1], got {self.threshold}")
         check(self.num_perm >= 16, "dedupe.num_perm", f"must be >= 16, got {self.num_perm}")
         check(self.shingle_size >= 1, "dedupe.shingle_size", f"must be >= 1, got {self.shingle_size}")
+        check(0 <= self.candidate_recall < 1, "dedupe.candidate_recall",
+              f"must be in [0, 1), got {self.candidate_recall}")
         check(self.workers >= 0, "dedupe.workers", f"must be >= 0, got {self.workers}")
 
 
@@ -632,6 +637,12 @@ class EvaluateConfig:
         "sanitizer and time limits) or bigcode (bigcode-evaluation-harness's stop strings, prompt + completion run "
         "as is); pipeline/stages/evaluate/harness.py.")
     stop: list[str] = opt([], help="Stop sequences added to the harness's own (base models).")
+    chat_prefill: bool = opt(False, help="evalplus, chat models: EvalPlus's convention for locally served instruct "
+                             "models (its vLLM and HF providers, behind published open-model scores) instead of its API "
+                             "one: the answer is begun for the model (EvalPlus's response prefix and an open ```python "
+                             "block, an assistant prefill that llama-server and vLLM continue) and stops at the block's "
+                             "end. Chat students are fine-tuned in the API convention: for scoring instruct models "
+                             "(tools/validate.py), not the students.")
     benchmarks: list[str] = opt(["humaneval"], help="Benchmarks to run: humaneval (always; the headline), humaneval+, "
                                 "mbpp, mbpp+ (EvalPlus's data sets, read from the paths below).")
     humaneval_plus_path: str = opt("", help="EvalPlus's HumanEvalPlus-v0.1.10.jsonl.gz for humaneval+; empty = the "
@@ -660,6 +671,8 @@ class EvaluateConfig:
         check(bool(self.models) and set(self.models) <= allowed, "evaluate.models", f"must be a non-empty subset of {sorted(allowed)}")
         check(0 <= self.temperature <= 2, "evaluate.temperature", f"must be in [0, 2], got {self.temperature}")
         check(self.n_samples == 1 or self.temperature > 0, "evaluate.temperature", "n_samples > 1 needs temperature > 0")
+        check(not self.chat_prefill or self.harness == "evalplus", "evaluate.chat_prefill",
+              "is EvalPlus's convention: it needs evaluate.harness evalplus")
 
 
 @dataclass

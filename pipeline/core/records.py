@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -102,35 +103,49 @@ def parse_record_line(raw: bytes, path: str | Path, lineno: int, required: Itera
 
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
     """Read records; a bad line or a record missing a required field names the file, line and id."""
+    return list(iter_jsonl(path, required))
+
+
+def iter_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]:
+    """Records one at a time (memory does not grow with the file); errors as read_jsonl's."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"records file not found: {path}")
     required = tuple(required)
     with path.open("rb") as fh:
-        return [parse_record_line(raw, path, lineno, required) for lineno, raw in enumerate(fh, 1) if raw.strip()]
+        for lineno, raw in enumerate(fh, 1):
+            if raw.strip():
+                yield parse_record_line(raw, path, lineno, required)
 
 
-def run_sharded(items: list[dict], shard_size: int, work_dir: str | Path, fingerprint: str,
-                fn: Callable[[list[dict]], list[dict]], progress: bool = False, desc: str = "") -> list[dict]:
-    """Apply `fn` to `items` shard by shard, saving each finished shard, so a killed run resumes.
+def iter_sharded(items: Iterable[dict], shard_size: int, work_dir: str | Path, fingerprint: str,
+                 fn: Callable[[list[dict]], list[dict]], progress: bool = False, desc: str = "",
+                 total: int | None = None) -> Iterator[dict]:
+    """Apply `fn` to `items` shard by shard, saving each finished shard, so a killed run resumes;
+    yield the results in order. One shard is in memory at a time, whatever the input's size.
 
     A shard's results are written atomically under a name that hashes the shard's records and
     `fingerprint` (the config that decides the results): the file's existence is the shard's
-    completion marker. A re-run skips finished shards; a changed config or input matches none.
+    completion marker (datatrove's). A re-run skips finished shards; a changed config or input
+    matches none.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    out: list[dict] = []
-    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    with tqdm(total=len(items), desc=desc, unit="rec", disable=not progress, mininterval=0.5) as bar:
-        for n, shard in enumerate(shards):
+    items = iter(items)
+    with tqdm(total=total, desc=desc, unit="rec", disable=not progress, mininterval=0.5) as bar:
+        for n in itertools.count():
+            shard = list(itertools.islice(items, shard_size))
+            if not shard:
+                return
             digest = sha256_text(fingerprint + "\n" + "".join(dumps(r) + "\n" for r in shard))[:16]
             path = work_dir / f"shard-{n:06d}-{digest}.jsonl"
             if path.is_file():
-                done = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+                with path.open(encoding="utf-8") as fh:
+                    done = [json.loads(line) for line in fh]
             else:
                 done = fn(shard)
-                atomic_write_text(path, "".join(dumps(r) + "\n" for r in done))
-            out.extend(done)
+                with atomic_writer(path) as fh:
+                    fh.writelines(dumps(r) + "\n" for r in done)
             bar.update(len(shard))
-    return out
+            del shard
+            yield from done

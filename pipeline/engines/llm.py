@@ -460,6 +460,9 @@ class LLMClient:
             # `post` with a plain JSON body: the same client (auth, errors, connection reuse)
             # without the SDK's per-call parameter transform, a third of its CPU per request.
             if self.preset.api == "chat":
+                if self.preset.engine == "vllm" and req.messages[-1]["role"] == "assistant":
+                    # A begun answer to continue (a prefill): llama-server does so by default, vLLM when asked.
+                    kwargs.update(continue_final_message=True, add_generation_prompt=False)
                 resp = await client.post("/chat/completions", body={**kwargs, "messages": req.messages},
                                          cast_to=ChatCompletion)
                 choices = [{"text": c.message.content or "", "finish_reason": c.finish_reason} for c in resp.choices]

@@ -7,9 +7,12 @@ docstring's wording; for a textbook section, its text with whitespace collapsed.
 Near duplicates are found with MinHash LSH over code-aware shingles: ``shingle_size``
 consecutive tokens of a regex tokeniser that keeps identifiers, operators and literals
 as they are (nothing lowercased, no punctuation stripped, no numbers zeroed: in code these
-carry the meaning). Bands and rows follow from the threshold as in datasketch; every
-candidate pair is confirmed by the true Jaccard of the two shingle sets, and union-find
-over confirmed pairs forms clusters whose lowest id survives.
+carry the meaning). Bands and rows are the fewest-false-positive choice that makes a pair at
+the threshold a candidate with probability ``dedupe.candidate_recall`` (0.99); rows of
+crowded buckets (boilerplate) are also paired by the signature values they share with few
+others. Every candidate pair is confirmed by the true Jaccard of the two shingle sets; in id
+order, a record confirmed against a lower kept record is removed as its duplicate, so every
+removal is at or above the threshold with the record kept in its place.
 Not datasketch: our numpy batches are 1.9x faster than MinHash.bulk, 23x than MinHashLSH (bench/dedupe.py --compare-datasketch).
 
 Fast and lean at phi-1's scale (~1M exercises): blocks of the input are indexed in worker
@@ -17,8 +20,10 @@ processes (JSON, tokens, a cheap screen key, then MinHash and band hashes in num
 whole batches); only ids, byte offsets, 16-byte keys and band hashes stay in memory. Parsing
 is most of the cost, so only exercises sharing a screen key (which AST-equal code always
 shares) are parsed. Candidate buckets come from sorting band hashes, never from comparing
-all pairs; candidates' shingle sets are recomputed from the input for confirmation, and
-kept records are copied from it. Workers are spawned: call `run_dedupe` from a script only
+all pairs; candidates' shingle sets are recomputed from the input for confirmation,
+CONFIRM_PAIRS pairs at a time so memory does not grow with the candidates, and kept records
+are copied from it. What stays is ~170 bytes a record (128 of them the 16 band hashes; then
+key, offset, id, length, shingle count), ~1.7 GB at 10M records. Workers are spawned: call `run_dedupe` from a script only
 under ``if __name__ == "__main__":``.
 
 Outputs (in ``dedupe.output_dir``): exercises.jsonl and textbooks.jsonl (kept, sorted by
@@ -64,6 +69,7 @@ REMOVED_FILE = "removed.jsonl"
 
 BLOCK_BYTES = 4 << 20  # input bytes per worker task: big enough to amortise a task, small for memory
 BATCH_DOCS = 256  # documents per numpy batch (token hashing, shingles, MinHash)
+CONFIRM_PAIRS = 100_000  # candidate pairs confirmed per step: at most twice as many shingle sets held
 MINHASH_ROWS = 4096  # shingles x permutations per MinHash step: ~2 MB of uint32, fits in L2
 ALL_PAIRS_BUCKET = 16  # LSH buckets up to this size yield all pairs; bigger ones a star and a chain
 SPANS_PER_TASK = 2048  # records per task of pass 2 (AST keys, shingle sets of candidates)
@@ -347,6 +353,36 @@ def optimal_bands(threshold: float, num_perm: int, false_positive_weight: float 
     return int(pairs[best, 0]), int(pairs[best, 1])
 
 
+def candidate_probability(s: float, bands: int, rows: int) -> float:
+    """P(two records at Jaccard s share a bucket in at least one band): the LSH S-curve."""
+    return 1.0 - (1.0 - s**rows) ** bands
+
+
+def lsh_params(threshold: float, num_perm: int, candidate_recall: float) -> tuple[int, int]:
+    """(bands, rows): with candidate_recall 0, datasketch's balanced choice (optimal_bands); else,
+    among bands*rows <= num_perm whose S-curve at the threshold reaches candidate_recall, the one
+    with the least false-positive area below the threshold (fewest candidates to confirm).
+
+    Why: the balanced choice puts the S-curve's midpoint at the threshold, so a pair at exactly
+    0.8 became a candidate 40% of the time (9 bands of 13 rows); every candidate is confirmed by
+    true Jaccard, so a lower curve costs only confirmation time, never precision."""
+    if candidate_recall <= 0:
+        return optimal_bands(threshold, num_perm)
+    best: tuple[float, int, int] | None = None
+    s = np.linspace(0.0, threshold, 257)
+    for rows in range(1, num_perm + 1):
+        for bands in range(1, num_perm // rows + 1):
+            if candidate_probability(threshold, bands, rows) >= candidate_recall:
+                fp = float(np.trapezoid(1.0 - (1.0 - s**rows) ** bands, s))
+                if best is None or fp < best[0]:
+                    best = (fp, bands, rows)
+                break  # more bands only add false positives
+    if best is None:
+        raise ValueError(f"dedupe.candidate_recall: no bands x rows <= {num_perm} (dedupe.num_perm) reaches "
+                         f"P(candidate) {candidate_recall} at threshold {threshold}")
+    return best[1], best[2]
+
+
 def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(documents, bands) uint64: one hash of each band's `rows` signature values."""
     s = sig[:, : bands * rows].reshape(len(sig), bands, rows).astype(_U64)
@@ -357,20 +393,27 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return _mix64(acc)
 
 
-def candidate_pairs(bh: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) -> np.ndarray:
-    """Unique (i, j), i < j, of rows sharing a bucket in at least one band, by sorting band hashes.
+def lsh_candidates(bh: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET,
+                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(unique (i, j), i < j, of rows sharing a bucket in at least one band; the rows that are in a
+    crowded bucket, bigger than `all_pairs_bucket`, in some band), by sorting band hashes.
+    With `rows`, only bh[rows] takes part (i and j then index `rows`), copied one band at a time.
 
     A bucket of up to `all_pairs_bucket` rows gives all its pairs; a bigger one (boilerplate)
     gives each row paired with the bucket's lowest row and with its neighbour, so a bucket
-    costs O(size) and clusters still connect."""
-    n = len(bh)
+    costs O(size) and clusters still connect. Near pairs inside a crowded bucket that are not
+    neighbours are found by `residual_pairs` on the crowded rows' signatures."""
+    n = len(bh) if rows is None else len(rows)
+    crowded = np.zeros(n, bool)
     if n < 2:
-        return np.empty((0, 2), np.int64)
+        return np.empty((0, 2), np.int64), crowded
     found = []
     pos = np.arange(n)
     for band in range(bh.shape[1]):
-        order = np.argsort(bh[:, band], kind="stable")  # stable: rows ascend within a bucket
-        values = bh[order, band]
+        column = bh[:, band] if rows is None else bh[rows, band]
+        order = np.argsort(column, kind="stable")  # stable: rows ascend within a bucket
+        values = column[order]
+        del column
         new = np.ones(n, bool)
         new[1:] = values[1:] != values[:-1]
         starts = np.flatnonzero(new)
@@ -379,16 +422,59 @@ def candidate_pairs(bh: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) ->
         size = np.diff(np.append(starts, n))[run]
         if size.max() < 2:
             continue
+        small = size <= all_pairs_bucket
+        crowded[order[~small]] = True
         member = (size > 1) & (pos != first)
         found.append(np.stack([order[first[member]], order[member]], 1))  # the star
-        end, small = first + size, size <= all_pairs_bucket
+        end = first + size
         for d in range(1, min(all_pairs_bucket, int(size.max()))):  # pairs d apart in a bucket
             p = pos[: n - d]
             ok = member[: n - d] & (p + d < end[: n - d]) & (small[: n - d] | (d == 1))
             found.append(np.stack([order[p[ok]], order[p[ok] + d]], 1))
+    return _unique_pairs(found, n), crowded
+
+
+def candidate_pairs(bh: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) -> np.ndarray:
+    """Unique (i, j), i < j, of rows sharing a bucket in at least one band (lsh_candidates' pairs)."""
+    return lsh_candidates(bh, all_pairs_bucket)[0]
+
+
+def residual_pairs(sig: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) -> np.ndarray:
+    """Unique (i, j), i < j, of rows whose signatures share a value at some position that at most
+    `all_pairs_bucket` rows share: LSH with one row per band, for the rows of crowded buckets.
+
+    Why: members of a crowded bucket agree on the boilerplate's minima, so a band rarely tells
+    two near copies apart from the rest (their bands fall into the crowded bucket), and the
+    star and chain only pair neighbours. But where a signature value comes from a record's own
+    code, few records share it: two near copies at Jaccard 0.8 share such a value at several of
+    the positions, unrelated members almost never. Values shared by more rows are boilerplate
+    (or common code) and give nothing here."""
+    n, positions = sig.shape
+    found = []
+    for p in range(positions):
+        order = np.argsort(sig[:, p], kind="stable")
+        values = sig[order, p]
+        new = np.ones(n, bool)
+        new[1:] = values[1:] != values[:-1]
+        starts = np.flatnonzero(new)
+        run = np.cumsum(new) - 1
+        size = np.diff(np.append(starts, n))[run]
+        end = starts[run] + size
+        keep = (size > 1) & (size <= all_pairs_bucket)
+        idx = np.arange(n)
+        for d in range(1, min(all_pairs_bucket, int(size[keep].max()) if keep.any() else 1)):
+            i = idx[: n - d]
+            ok = keep[: n - d] & (i + d < end[: n - d])
+            found.append(np.stack([order[i[ok]], order[i[ok] + d]], 1))
+    return _unique_pairs(found, n)
+
+
+def _unique_pairs(found: list[np.ndarray], n: int) -> np.ndarray:
+    """The pairs in `found` as unique (low, high) rows, sorted."""
     if not found:
         return np.empty((0, 2), np.int64)
-    codes = np.unique(np.concatenate([f[:, 0] * n + f[:, 1] for f in found]).astype(np.int64))
+    both = np.concatenate(found).astype(np.int64)
+    codes = np.unique(np.minimum(both[:, 0], both[:, 1]) * n + np.maximum(both[:, 0], both[:, 1]))
     return np.stack([codes // n, codes % n], 1)
 
 
@@ -421,7 +507,7 @@ class _BlockTask:
 class _Index:
     """What pass 1 learned about one input file: one entry per record, in id order once merged."""
 
-    ids: list[str]
+    ids: np.ndarray  # record ids, UTF-8 ("S"): ~10 bytes a record where a list of str costs ~70
     offsets: np.ndarray  # byte offset of the record's line
     lengths: np.ndarray  # line length, newline excluded
     keys: np.ndarray  # 16-byte screen keys ("S16"), exact keys once _decide has refined them
@@ -429,16 +515,37 @@ class _Index:
     bands: np.ndarray  # (records, bands) uint64 LSH band hashes
     canonical: np.ndarray  # the line is already dumps(record)
 
+    def id(self, row: int) -> str:
+        return self.ids[row].decode("utf-8", "surrogatepass")
+
     @classmethod
     def merge(cls, blocks: list[_Index], n_bands: int) -> _Index:
-        """The blocks' entries concatenated and sorted by id (the order of outputs and survivors)."""
-        ids = [i for b in blocks for i in b.ids]
-        order = np.array(sorted(range(len(ids)), key=ids.__getitem__), np.int64)
-        empty = {"offsets": np.empty(0, np.int64), "lengths": np.empty(0, np.int64), "keys": np.empty(0, "S16"),
-                 "counts": np.empty(0, np.int64), "bands": np.empty((0, n_bands), _U64),
-                 "canonical": np.empty(0, bool)}
-        columns = {name: np.concatenate([getattr(b, name) for b in blocks] or [e])[order] for name, e in empty.items()}
-        return cls([ids[i] for i in order], **columns)
+        """The blocks' entries concatenated and sorted by id (the order of outputs and survivors).
+
+        UTF-8 bytes sort as their code points, so the byte order is str's order. Blocks are
+        emptied as they are copied, and input already in id order (the usual case) is not
+        permuted: the band matrix, the biggest column, is never held twice."""
+        n = sum(len(b.ids) for b in blocks)
+        width = max((b.ids.dtype.itemsize for b in blocks), default=1)
+        out = cls(np.empty(n, f"S{width}"), np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, "S16"),
+                  np.empty(n, np.int32), np.empty((n, n_bands), _U64), np.empty(n, bool))
+        names = ("ids", "offsets", "lengths", "keys", "counts", "bands", "canonical")
+        lo = 0
+        while blocks:
+            block = blocks.pop(0)
+            for name in names:
+                getattr(out, name)[lo: lo + len(block.ids)] = getattr(block, name)
+            lo += len(block.ids)
+        if n > 1 and not (out.ids[1:] >= out.ids[:-1]).all():
+            order = np.argsort(out.ids, kind="stable")
+            for name in names:
+                column = getattr(out, name)
+                if column.ndim == 1:
+                    setattr(out, name, column[order])
+                else:  # band by band: one column's copy at a time
+                    for band in range(column.shape[1]):
+                        column[:, band] = column[order, band]
+        return out
 
 
 def _parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> tuple[dict, str]:
@@ -498,7 +605,8 @@ def _index_block(task: _BlockTask) -> _Index:
         tokens.append(toks)
     counts, bands = _near_columns(tokens, p)
     key_col = np.frombuffer(b"".join(keys), "S16") if p.exact else np.zeros(len(ids), "S16")
-    return _Index(ids, np.array(offsets, np.int64), np.array(lengths, np.int64), key_col, counts, bands,
+    id_col = np.array([i.encode("utf-8", "surrogatepass") for i in ids], "S") if ids else np.empty(0, "S1")
+    return _Index(id_col, np.array(offsets, np.int64), np.array(lengths, np.int64), key_col, counts, bands,
                   np.array(canonical, bool))
 
 
@@ -519,10 +627,11 @@ def _split_blocks(path: Path, size: int) -> Iterator[tuple[int, int, int]]:
                 return
 
 
-def _recompute_task(task: tuple[str, str, Path, int, list[tuple[int, int]]]) -> list:
+def _recompute_task(task: tuple[str, str, Path, int, list[tuple[int, int]], MinHasher | None]) -> list:
     """For the records at (offset, length) spans, in order: their exact keys (what="exact", as
-    (key, parsed) pairs) or their sorted shingle sets (what="shingles")."""
-    what, kind, path, k, spans = task
+    (key, parsed) pairs), their sorted shingle sets (what="shingles") or their MinHash
+    signatures (what="signatures", the hasher's, as in pass 1)."""
+    what, kind, path, k, spans, hasher = task
     texts = []
     with path.open("rb") as fh:
         for offset, length in spans:
@@ -533,7 +642,10 @@ def _recompute_task(task: tuple[str, str, Path, int, list[tuple[int, int]]]) -> 
     out = []
     for lo in range(0, len(texts), BATCH_DOCS):
         hashes, counts = shingle_hashes([_raw_tokens(kind, t) for t in texts[lo: lo + BATCH_DOCS]], k)
-        out.extend(np.unique(h) for h in np.split(hashes, np.cumsum(counts)[:-1]))
+        if what == "signatures":
+            out.extend(hasher.signatures(hashes, counts))
+        else:
+            out.extend(np.unique(h) for h in np.split(hashes, np.cumsum(counts)[:-1]))
     return out
 
 
@@ -575,7 +687,7 @@ def _cores() -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Deciding: exact groups, LSH candidates, confirmation, union-find
+# Deciding: exact groups, LSH candidates, confirmation, survivors
 # ---------------------------------------------------------------------------------------
 
 
@@ -587,33 +699,31 @@ class _Outcome:
     stats: dict
 
 
-def _union_find_min(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Each row's component minimum over the edges `pairs` (rows not in pairs map to themselves)."""
-    parent = list(range(n))
+def _survivors(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Each row's survivor over the confirmed edges `pairs` (i < j): in id order, a row with a
+    confirmed edge to a lower row that is kept is removed as that row's duplicate (the lowest
+    such), else kept.
 
-    def find(x: int) -> int:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    for i, j in pairs.tolist():
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)  # the root is always the component's lowest row
-    touched = np.unique(pairs)
-    out = np.arange(n)
-    out[touched] = [find(x) for x in touched.tolist()]
-    return out
+    Why not union-find's components: a chain A~B~C joins C to A although A and C may be under
+    the threshold; here every removed row is at or above the threshold with the record kept in
+    its place, so every removal is confirmed."""
+    survivor = np.arange(n)
+    if len(pairs) == 0:
+        return survivor
+    by_high = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by j, then i: a row's lower rows are decided
+    kept = survivor.tolist()
+    for i, j in by_high.tolist():
+        if kept[j] == j and kept[i] == i:
+            kept[j] = i
+    return np.array(kept)
 
 
 def _recompute(what: str, kind: str, path: Path, index: _Index, rows: np.ndarray, k: int,
-               workers: _Workers) -> list:
+               workers: _Workers, hasher: MinHasher | None = None) -> list:
     """_recompute_task's results for `rows`, re-read from the input by the workers."""
     spans = [(int(index.offsets[r]), int(index.lengths[r])) for r in rows.tolist()]
-    tasks = [(what, kind, path, k, spans[i: i + SPANS_PER_TASK]) for i in range(0, len(spans), SPANS_PER_TASK)]
+    tasks = [(what, kind, path, k, spans[i: i + SPANS_PER_TASK], hasher)
+             for i in range(0, len(spans), SPANS_PER_TASK)]
     return list(itertools.chain.from_iterable(workers.imap(_recompute_task, tasks)))
 
 
@@ -635,27 +745,51 @@ def _exact_groups(kind: str, path: Path, index: _Index, workers: _Workers) -> tu
     return first[inverse.ravel()], stats
 
 
-def _near_clusters(kind: str, path: Path, index: _Index, rep: np.ndarray, dd: DedupeConfig, workers: _Workers,
-                   progress: bool) -> tuple[np.ndarray, dict[int, float], dict]:
+def _jaccards(kind: str, path: Path, index: _Index, pairs: np.ndarray, k: int, workers: _Workers,
+              bar: tqdm) -> np.ndarray:
+    """True Jaccard of each pair, CONFIRM_PAIRS at a time: only one step's shingle sets (recomputed
+    from the input by the workers) are held, whatever the number of candidates."""
+    sims = np.empty(len(pairs), float)
+    for lo in range(0, len(pairs), CONFIRM_PAIRS):
+        step = pairs[lo: lo + CONFIRM_PAIRS]
+        docs = np.unique(step)
+        sets = dict(zip(docs.tolist(), _recompute("shingles", kind, path, index, docs, k, workers), strict=True))
+        sims[lo: lo + len(step)] = [jaccard(sets[i], sets[j]) for i, j in step.tolist()]
+        bar.update(len(step))
+    return sims
+
+
+def _near_clusters(kind: str, path: Path, index: _Index, rep: np.ndarray, dd: DedupeConfig, hasher: MinHasher,
+                   workers: _Workers, progress: bool) -> tuple[np.ndarray, dict[int, float], dict]:
     """(each row's survivor, true Jaccard of each near-removed row with it, stats): LSH candidates
-    among exact representatives, confirmed by true Jaccard, joined by union-find."""
+    among exact representatives (plus residual pairs among the rows of crowded buckets, from
+    their recomputed signatures), confirmed by true Jaccard, survivors in id order (_survivors)."""
     n = len(index.ids)
     eligible = np.flatnonzero((rep == np.arange(n)) & (index.counts > 0))
-    pairs = eligible[candidate_pairs(index.bands[eligible])]
-    docs = np.unique(pairs)
-    sets = dict(zip(docs.tolist(), _recompute("shingles", kind, path, index, docs, dd.shingle_size, workers),
-                    strict=True))
-    sims = np.array([jaccard(sets[i], sets[j]) for i, j in
-                     tqdm(pairs.tolist(), desc=f"confirm {kind}", unit="pair", disable=not progress,
-                          mininterval=0.5)], float)
-    confirmed = pairs[sims >= dd.threshold]
-    survivor = _union_find_min(n, confirmed)[rep]
-    jaccards = {r: jaccard(sets[int(rep[r])], sets[int(survivor[r])])
-                for r in np.flatnonzero(survivor != rep).tolist()}
-    return survivor, jaccards, {"candidate_pairs": len(pairs), "confirmed_pairs": len(confirmed)}
+    local, crowded = lsh_candidates(index.bands, rows=eligible)
+    found = [local]
+    crowded_rows = np.flatnonzero(crowded)
+    if len(crowded_rows) > 1:
+        sig = np.stack(_recompute("signatures", kind, path, index, eligible[crowded_rows], dd.shingle_size, workers,
+                                  hasher))
+        found.append(crowded_rows[residual_pairs(sig)])
+        del sig
+    pairs = eligible[_unique_pairs(found, len(eligible))]  # sorted: eligible ascends
+    del found, local
+    with tqdm(total=len(pairs), desc=f"confirm {kind}", unit="pair", disable=not progress, mininterval=0.5) as bar:
+        sims = _jaccards(kind, path, index, pairs, dd.shingle_size, workers, bar)
+        keep = sims >= dd.threshold
+        confirmed, confirmed_sims = pairs[keep], sims[keep]
+    survivor = _survivors(n, confirmed)[rep]
+    # A removed row's Jaccard with its survivor is their confirmed pair's (confirmed is sorted).
+    removed = np.flatnonzero(survivor != rep)
+    at = np.searchsorted(confirmed[:, 0] * n + confirmed[:, 1], survivor[removed] * n + rep[removed])
+    jaccards = dict(zip(removed.tolist(), confirmed_sims[at].tolist(), strict=True))
+    return survivor, jaccards, {"candidate_pairs": len(pairs), "confirmed_pairs": len(confirmed),
+                                "crowded_rows": len(crowded_rows)}
 
 
-def _decide(kind: str, path: Path, index: _Index, dd: DedupeConfig, workers: _Workers,
+def _decide(kind: str, path: Path, index: _Index, dd: DedupeConfig, hasher: MinHasher, workers: _Workers,
             progress: bool) -> _Outcome:
     n = len(index.ids)
     rows = np.arange(n)
@@ -663,9 +797,9 @@ def _decide(kind: str, path: Path, index: _Index, dd: DedupeConfig, workers: _Wo
     if dd.exact and n:
         rep, stats = _exact_groups(kind, path, index, workers)
     survivor, jaccards = rep, {}
-    stats.update({"candidate_pairs": 0, "confirmed_pairs": 0})
+    stats.update({"candidate_pairs": 0, "confirmed_pairs": 0, "crowded_rows": 0})
     if dd.near and n:
-        survivor, jaccards, near_stats = _near_clusters(kind, path, index, rep, dd, workers, progress)
+        survivor, jaccards, near_stats = _near_clusters(kind, path, index, rep, dd, hasher, workers, progress)
         stats.update(near_stats)
     removed = survivor != rows
     exact = removed & (index.keys == index.keys[survivor]) if dd.exact else np.zeros(n, bool)
@@ -705,10 +839,10 @@ def _removed_lines(fd: int, index: _Index, outcome: _Outcome) -> Iterator[tuple[
     removed = np.flatnonzero(outcome.survivor != np.arange(len(index.ids))).tolist()
     for r, line in _lines(fd, index, removed):
         exact = bool(outcome.exact[r])
-        rec = {**json.loads(line), "duplicate_of": index.ids[int(outcome.survivor[r])],
+        rec = {**json.loads(line), "duplicate_of": index.id(int(outcome.survivor[r])),
                "kind_of_duplicate": "exact" if exact else "near",
                "jaccard": 1.0 if exact else round(outcome.jaccard[r], 6)}
-        yield index.ids[r], dumps(rec) + "\n"
+        yield index.id(r), dumps(rec) + "\n"
 
 
 def _write_outputs(out_dir: Path, paths: dict[str, Path], indexes: dict[str, _Index],
@@ -743,9 +877,9 @@ def _index_file(kind: str, path: Path, params: _Params, workers: _Workers, progr
             blocks.append(block)
             bar.update(task.length)
     index = _Index.merge(blocks, params.bands)
-    dup = next((a for a, b in itertools.pairwise(index.ids) if a == b), None)
-    if dup is not None:
-        raise RecordError(f"{path}: record id {dup!r} appears more than once")
+    dup = np.flatnonzero(index.ids[1:] == index.ids[:-1])
+    if len(dup):
+        raise RecordError(f"{path}: record id {index.id(int(dup[0]))!r} appears more than once")
     return index
 
 
@@ -759,7 +893,7 @@ def run_dedupe(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     out_dir = Path(dd.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, configs_dir(config_path), "dedupe", out_dir)
-    bands, rows = optimal_bands(dd.threshold, dd.num_perm)
+    bands, rows = lsh_params(dd.threshold, dd.num_perm, dd.candidate_recall)
     hasher = MinHasher(bands * rows, cfg.seed)  # permutations beyond bands*rows would go unused
     t0 = time.monotonic()
     indexes, outcomes = {}, {}
@@ -769,7 +903,7 @@ def run_dedupe(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
             indexes[kind] = _index_file(kind, paths[kind], params, workers, progress)
         t_index = time.monotonic()
         for kind in KINDS:
-            outcomes[kind] = _decide(kind, paths[kind], indexes[kind], dd, workers, progress)
+            outcomes[kind] = _decide(kind, paths[kind], indexes[kind], dd, hasher, workers, progress)
     t_decide = time.monotonic()
     _write_outputs(out_dir, paths, indexes, outcomes, progress)
     wall = time.monotonic() - t0
@@ -779,7 +913,10 @@ def run_dedupe(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
         "kept": {kind: outcomes[kind].stats["kept"] for kind in KINDS},
         "removed": {kind: outcomes[kind].stats["in"] - outcomes[kind].stats["kept"] for kind in KINDS},
         "lsh": {"num_perm": dd.num_perm, "permutations_used": bands * rows, "bands": bands, "rows": rows,
-                "threshold": dd.threshold, "shingle_size": dd.shingle_size, "exact": dd.exact, "near": dd.near},
+                "threshold": dd.threshold,
+                "candidate_recall": dd.candidate_recall,
+                "p_candidate_at_threshold": round(candidate_probability(dd.threshold, bands, rows), 4),
+                "shingle_size": dd.shingle_size, "exact": dd.exact, "near": dd.near},
         "timing": {"wall_s": round(wall, 3), "index_s": round(t_index - t0, 3),
                    "decide_s": round(t_decide - t_index, 3), "write_s": round(time.monotonic() - t_decide, 3),
                    "docs_per_s": round(n_docs / max(wall, 1e-9), 1), "workers": workers.used},

@@ -29,7 +29,9 @@ again (a solution that answers differently twice is dropped). The originals stay
 
 Textbooks get the checks that fit: every code block parses, length bounds in words.
 Rejected records go to `rejected.jsonl` with `filter_reason` and `filter_detail`; `stats.json`
-is the funnel. Work is done in resumable shards: a killed run redoes at most one shard.
+is the funnel. Work is done in resumable shards: a killed run redoes at most one shard. Records
+stream from the input through the shards to the outputs, so memory does not grow with the input
+(bench/filter_memory.py).
 
     textbook filter --set filter.sandbox.timeout_s=5
 """
@@ -37,14 +39,18 @@ is the funnel. Work is done in resumable shards: a killed run redoes at most one
 from __future__ import annotations
 
 import ast
+import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pipeline.core.asserts import keep_asserts, observed_assert
 from pipeline.core.config import FilterConfig, RunConfig, configs_dir, to_dict
-from pipeline.core.records import dumps, read_jsonl, run_sharded, write_json, write_jsonl
+from pipeline.core.records import atomic_writer, dumps, iter_jsonl, iter_sharded, write_json
 from pipeline.core.schema import RECORD_FIELDS, exercise_program, require_parsed
 from pipeline.core.stage import write_resolved_config
 from pipeline.sandbox import Job, Sandbox
@@ -286,16 +292,64 @@ def _filter_shard_by_assert(records: list[dict], cfg: FilterConfig, sandbox: San
     return out
 
 
+def _input_records(in_dir: Path) -> tuple[Iterable[dict], int]:
+    """Every input record in id order, and how many. A first pass validates each record (bad input fails
+    before any work) and checks each file's order: files sorted by id, as the generate stage writes them,
+    are then merged as streams (memory does not grow with the input); an unsorted file is sorted in memory."""
+    paths = {kind[:-1]: in_dir / f"{kind}.jsonl" for kind in ("exercises", "textbooks")}
+
+    def stream(kind: str) -> Iterator[dict]:
+        for rec in iter_jsonl(paths[kind], required=RECORD_FIELDS):
+            require_parsed(rec, str(paths[kind]), kind)
+            yield rec
+
+    count, ordered = 0, True
+    for kind in paths:
+        previous = None
+        for rec in stream(kind):
+            count += 1
+            ordered = ordered and (previous is None or previous <= rec["id"])
+            previous = rec["id"]
+    if ordered:
+        return heapq.merge(*(stream(k) for k in paths), key=lambda r: r["id"]), count
+    log.warning("filter input is not sorted by id: sorting it in memory (the generate stage writes it sorted)")
+    return sorted(itertools.chain(*(stream(k) for k in paths)), key=lambda r: r["id"]), count
+
+
+class _Funnel:
+    """The stage's counts, kept as decided records stream past."""
+
+    def __init__(self) -> None:
+        self.seen = {"exercise": 0, "textbook": 0}
+        self.kept = {"exercise": 0, "textbook": 0}
+        self.reasons: dict[str, Counter] = {"exercise": Counter(), "textbook": Counter()}
+        self.extra = Counter()
+
+    def add(self, rec: dict) -> None:
+        kind = rec["kind"]
+        self.seen[kind] += 1
+        if rec["filter_reason"]:
+            self.reasons[kind][rec["filter_reason"]] += 1
+            return
+        self.kept[kind] += 1
+        for field in ("dropped_asserts", "rewritten_asserts"):
+            if rec.get(field):
+                self.extra[f"kept_with_{field}"] += 1
+                self.extra[f"asserts_{field.split('_')[0]}"] += len(rec[field])
+
+    def stats(self, fc: FilterConfig) -> dict:
+        funnel = {kind: {"in": self.seen[kind], "kept": self.kept[kind], "dropped": sum(self.reasons[kind].values()),
+                         "dropped_by_reason": dict(sorted(self.reasons[kind].items()))} for kind in self.seen}
+        funnel["exercise"]["assert_policy"] = fc.assert_policy
+        for key in ("kept_with_dropped_asserts", "asserts_dropped", "kept_with_rewritten_asserts", "asserts_rewritten"):
+            funnel["exercise"][key] = self.extra[key]
+        return funnel
+
+
 def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict:
     fc = cfg.filter
     in_dir, out_dir = Path(fc.input_dir), Path(fc.output_dir)
-    records = []
-    for kind in ("exercises", "textbooks"):
-        path = in_dir / f"{kind}.jsonl"
-        for rec in read_jsonl(path, required=RECORD_FIELDS):
-            require_parsed(rec, str(path), kind[:-1])
-            records.append(rec)
-    records.sort(key=lambda r: r["id"])
+    records, count = _input_records(in_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, configs_dir(config_path), "filter", out_dir)
 
@@ -303,38 +357,25 @@ def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     # The fingerprint covers what decides a verdict; workers and isolation do not change verdicts.
     fingerprint = dumps({k: v for k, v in to_dict(fc).items() if k not in ("input_dir", "output_dir", "shard_size")})
     isolation = "none"
-    if records:
-        with Sandbox(fc.sandbox) as sandbox:
+    funnel = _Funnel()
+    with contextlib.ExitStack() as stack:
+        # Decided records stream from the shards into the outputs: one shard in memory at a time.
+        out = {name: stack.enter_context(atomic_writer(out_dir / f"{name}.jsonl"))
+               for name in ("exercises", "textbooks", "rejected")}
+        if count:
+            sandbox = stack.enter_context(Sandbox(fc.sandbox))
             isolation = sandbox.isolation
-            decided = run_sharded(records, fc.shard_size, out_dir / ".shards", fingerprint,
-                                  lambda shard: filter_shard(shard, fc, sandbox), progress, "filter")
-    else:
-        decided = []
+            for rec in iter_sharded(records, fc.shard_size, out_dir / ".shards", fingerprint,
+                                    lambda shard: filter_shard(shard, fc, sandbox), progress, "filter", total=count):
+                funnel.add(rec)
+                if rec["filter_reason"] is not None:
+                    out["rejected"].write(dumps(rec) + "\n")
+                else:
+                    kept = {k: v for k, v in rec.items() if k not in ("filter_reason", "filter_detail")}
+                    out[f"{rec['kind']}s"].write(dumps(kept) + "\n")
     elapsed = time.monotonic() - t0
-
-    kept = [{k: v for k, v in r.items() if k not in ("filter_reason", "filter_detail")}
-            for r in decided if r["filter_reason"] is None]
-    rejected = [r for r in decided if r["filter_reason"] is not None]
-    write_jsonl(out_dir / "exercises.jsonl", [r for r in kept if r["kind"] == "exercise"])
-    write_jsonl(out_dir / "textbooks.jsonl", [r for r in kept if r["kind"] == "textbook"])
-    write_jsonl(out_dir / "rejected.jsonl", rejected)
-    funnel = {}
-    for kind in ("exercise", "textbook"):
-        mine = [r for r in decided if r["kind"] == kind]
-        reasons = Counter(r["filter_reason"] for r in mine if r["filter_reason"])
-        funnel[kind] = {"in": len(mine), "kept": sum(1 for r in mine if r["filter_reason"] is None),
-                        "dropped": sum(reasons.values()), "dropped_by_reason": dict(sorted(reasons.items()))}
-    funnel["exercise"]["assert_policy"] = fc.assert_policy
-    funnel["exercise"]["kept_with_dropped_asserts"] = sum(
-        1 for r in decided if r["filter_reason"] is None and r.get("dropped_asserts"))
-    funnel["exercise"]["asserts_dropped"] = sum(
-        len(r.get("dropped_asserts", [])) for r in decided if r["filter_reason"] is None)
-    funnel["exercise"]["kept_with_rewritten_asserts"] = sum(
-        1 for r in decided if r["filter_reason"] is None and r.get("rewritten_asserts"))
-    funnel["exercise"]["asserts_rewritten"] = sum(
-        len(r.get("rewritten_asserts", [])) for r in decided if r["filter_reason"] is None)
-    stats = {**funnel, "isolation": isolation,
-             "timing": {"wall_s": round(elapsed, 2), "records_per_s": round(len(records) / max(elapsed, 1e-9), 1)}}
+    stats = {**funnel.stats(fc), "isolation": isolation,
+             "timing": {"wall_s": round(elapsed, 2), "records_per_s": round(count / max(elapsed, 1e-9), 1)}}
     write_json(out_dir / "stats.json", stats)
     for path in (out_dir / ".shards").glob("shard-*.jsonl"):
         path.unlink()  # finished: the markers have served their purpose

@@ -85,7 +85,13 @@ from pipeline.engines.llm import (
 from pipeline.engines.servers import serve
 from pipeline.sandbox import Job, Sandbox, Verdict
 from pipeline.stages.evaluate.benchmarks import INFO, load_benchmark
-from pipeline.stages.evaluate.harness import Convention, completion_from_chat, truncate_at_stop  # noqa: F401
+from pipeline.stages.evaluate.harness import (  # noqa: F401
+    EVALPLUS_CHAT_STOP,
+    Convention,
+    completion_from_chat,
+    prefill_messages,
+    truncate_at_stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,19 +225,34 @@ def resolve_targets(cfg: RunConfig, root: Path) -> list[Target]:
     return targets
 
 
+def continues_assistant_messages(target: Target) -> bool:
+    """Whether the target's server continues a final assistant message (a prefill): llama-server does by
+    default, vLLM when asked (the client asks); llama-cpp-python, in-process transformers and remote
+    APIs are not known to."""
+    preset = target.preset
+    return target.engine == "vllm" or (target.engine == "llamacpp" and preset.server.program == "llama-server")
+
+
 def build_requests(target: Target, bench: Bench, ev: EvaluateConfig, run_seed: int) -> list[LLMRequest]:
     """One request per (problem, sample), each with its own seed: n=1 works on every engine."""
     chat = target.preset.api == "chat"
+    prefill = chat and ev.chat_prefill
+    if prefill and not continues_assistant_messages(target):
+        raise ConfigError(f"evaluate.chat_prefill: the {target.name} model ({target.preset.name}, engine "
+                          f"{target.engine}) is not served by llama-server or vLLM, which continue a begun answer")
     conv = bench.conv
     out = []
     for p in bench.problems:
         for i in range(ev.n_samples):
             params = {"temperature": ev.temperature, "top_p": ev.top_p, "max_tokens": ev.max_tokens,
-                      # Stop sequences would cut a chat answer inside its code block ("\ndef").
-                      "stop": None if chat else conv.stop(ev.stop), "n": 1,
+                      # Stop sequences would cut a chat answer inside its code block ("\ndef"), unless the
+                      # answer is begun inside the block (prefill): then it stops at the block's end.
+                      "stop": EVALPLUS_CHAT_STOP if prefill else None if chat else conv.stop(ev.stop), "n": 1,
                       "seed": sample_seed(run_seed, ev.seed, p["task_id"], i)}
             rid = bench.request_id(p["task_id"], i)
-            if chat:
+            if prefill:
+                out.append(LLMRequest(rid, messages=prefill_messages(p["prompt"]), params=params))
+            elif chat:
                 out.append(LLMRequest(rid, messages=chat_messages(p["prompt"]), params=params))
             else:
                 out.append(LLMRequest(rid, prompt=conv.base_prompt(p["prompt"]), params=params))
@@ -452,7 +473,12 @@ def completions_for(target: Target, bench: Bench, requests: list[LLMRequest], re
         res = results[r.id]
         task_id, i = r.id.split("|")[-1].rsplit("#", 1)
         raw = res.choices[0]["text"]
-        completion = raw if chat else truncate_at_stop(raw, stop)
+        if chat and ev.chat_prefill:  # code continuing the begun block: cut at its end
+            begun = r.messages[-1]["content"]
+            # llama-server returns the begun text with its continuation, vLLM the continuation alone.
+            completion = truncate_at_stop(raw.removeprefix(begun), EVALPLUS_CHAT_STOP)
+        else:
+            completion = raw if chat else truncate_at_stop(raw, stop)
         rows.append({"benchmark": bench.name, "task_id": task_id, "sample": int(i), "completion": completion,
                      "program": bench.conv.program(problems[task_id], completion, chat),
                      "finish_reason": res.choices[0].get("finish_reason")})
@@ -612,7 +638,8 @@ def bench_metrics(bench: Bench, targets: list[Target], samples: dict[str, list[d
                   ) -> tuple[dict[str, Any], dict[str, dict[str, dict]], list[str]]:
     """(the benchmark's metrics, per-problem results per model, sanity flags)."""
     ids = [p["task_id"] for p in bench.problems]
-    out: dict[str, Any] = {"benchmark": INFO[bench.name].label, "harness": ev.harness, "problems": len(ids),
+    harness = f"{ev.harness} (local chat prefill)" if ev.chat_prefill else ev.harness
+    out: dict[str, Any] = {"benchmark": INFO[bench.name].label, "harness": harness, "problems": len(ids),
                            "problems_total": bench.total, "subset": bench.subset,
                            "samples_per_problem": ev.n_samples, "temperature": ev.temperature, "top_p": ev.top_p,
                            "max_tokens": ev.max_tokens, **({"source": bench.source} if bench.source else {})}

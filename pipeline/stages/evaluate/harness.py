@@ -31,6 +31,13 @@ EVALPLUS_EOS = ["<|endoftext|>", "<|endofmask|>", "</s>", "\nif __name__", "\nde
 EVALPLUS_BASE_STOP = {"humaneval": ["\ndef ", "\nclass ", "\nimport ", "\nfrom ", "\nassert "],
                       "mbpp": ['\n"""', "\nassert"]}
 BIGCODE_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
+# EvalPlus's local-model chat convention (evalplus/codegen.py, provider/utility.py make_raw_chat_prompt): the
+# answer is begun for the model, which continues inside an open code block, and stops at its end.
+EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a markdown "
+                        "code block:")
+EVALPLUS_RESPONSE_PREFIX = ("Below is a Python script with a self-contained function that solves the problem and passes "
+                            "corresponding tests:")
+EVALPLUS_CHAT_STOP = EVALPLUS_EOS + ["\n```\n"]
 EVALPLUS_MIN_TIME_LIMIT = 4.0  # evalplus.config.DEFAULT_MIN_TIME_LIMIT
 EVALPLUS_TIME_FACTOR = 4.0  # evalplus.config.DEFAULT_GT_TIME_LIMIT_FACTOR
 EVALPLUS_MEMORY_MB = 4096  # evalplus.eval: EVALPLUS_MAX_MEMORY_BYTES' default, 4 GB
@@ -74,6 +81,13 @@ class Convention:
             return {}
         seconds = max(EVALPLUS_MIN_TIME_LIMIT, EVALPLUS_TIME_FACTOR * reference_s)
         return {"timeout_s": seconds, "cpu_time_s": seconds, "memory_mb": EVALPLUS_MEMORY_MB}
+
+
+def prefill_messages(prompt: str) -> list[dict]:
+    """EvalPlus's local chat request: its instruction and the prompt in a bare code block, then the
+    assistant's answer begun with its response prefix and an open ```python block, for the server to continue."""
+    return [{"role": "user", "content": f"{EVALPLUS_INSTRUCTION}\n```\n{prompt.strip()}\n```\n"},
+            {"role": "assistant", "content": f"{EVALPLUS_RESPONSE_PREFIX}\n```python\n"}]
 
 
 def test_support(problem: dict) -> str:
