@@ -24,7 +24,7 @@ import ast
 import re
 from dataclasses import dataclass
 
-from pipeline.core.schema import code_blocks, join_program
+from pipeline.core.schema import CHAT_INSTRUCTION, code_blocks, join_program
 
 EVALPLUS_EOS = ["<|endoftext|>", "<|endofmask|>", "</s>", "\nif __name__", "\ndef main(", "\nprint("]
 # EvalPlus's extra_eos_for_direct_completion, per benchmark family.
@@ -32,9 +32,8 @@ EVALPLUS_BASE_STOP = {"humaneval": ["\ndef ", "\nclass ", "\nimport ", "\nfrom "
                       "mbpp": ['\n"""', "\nassert"]}
 BIGCODE_STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
 # EvalPlus's local-model chat convention (evalplus/codegen.py, provider/utility.py make_raw_chat_prompt): the
-# answer is begun for the model, which continues inside an open code block, and stops at its end.
-EVALPLUS_INSTRUCTION = ("Please provide a self-contained Python script that solves the following problem in a markdown "
-                        "code block:")
+# answer is begun for the model, which continues inside an open code block, and stops at its end. The
+# instruction is the API convention's (CHAT_INSTRUCTION).
 EVALPLUS_RESPONSE_PREFIX = ("Below is a Python script with a self-contained function that solves the problem and passes "
                             "corresponding tests:")
 EVALPLUS_CHAT_STOP = EVALPLUS_EOS + ["\n```\n"]
@@ -86,7 +85,7 @@ class Convention:
 def prefill_messages(prompt: str) -> list[dict]:
     """EvalPlus's local chat request: its instruction and the prompt in a bare code block, then the
     assistant's answer begun with its response prefix and an open ```python block, for the server to continue."""
-    return [{"role": "user", "content": f"{EVALPLUS_INSTRUCTION}\n```\n{prompt.strip()}\n```\n"},
+    return [{"role": "user", "content": f"{CHAT_INSTRUCTION}\n```\n{prompt.strip()}\n```\n"},
             {"role": "assistant", "content": f"{EVALPLUS_RESPONSE_PREFIX}\n```python\n"}]
 
 
