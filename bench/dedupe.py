@@ -400,9 +400,9 @@ def child_stage(root: Path, seed: int) -> dict:
 
     cfg = load_config(REPO / "params.yaml", [f"seed={seed}", f"dedupe.input_dir={root}/in",
                                              f"dedupe.output_dir={root}/out"])
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the parent splits its RSS samples by phase with it
     stats = run_dedupe(cfg, REPO / "params.yaml", progress=False)
-    return {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_s(), "stats": stats}
+    return {"wall_s": time.monotonic() - t0, "cpu_s": _cpu_s(), "stats": stats, "t0": t0}
 
 
 def child_baseline(root: Path, seed: int) -> dict:
@@ -538,11 +538,11 @@ def measure(mode: str, root: Path, seed: int, extra: tuple[str, ...] = ()) -> di
     load_before = os.getloadavg()[0]
     proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--data", str(root), "--seed", str(seed), *extra],
                             stdout=subprocess.PIPE, text=True)
-    peak = [0.0]
+    samples: list[tuple[float, float]] = []  # (monotonic time, RSS of the tree in MB)
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
+            samples.append((time.monotonic(), _tree_rss_mb(proc.pid)))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -552,7 +552,14 @@ def measure(mode: str, root: Path, seed: int, extra: tuple[str, ...] = ()) -> di
     if proc.returncode != 0:
         raise SystemExit(f"{mode} child failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_mb"] = round(peak[0], 1)
+    result["peak_mb"] = round(max((mb for _, mb in samples), default=0.0), 1)
+    if "t0" in result:  # the stage's phases, from its own timing
+        lo, by_phase = result["t0"], {}
+        for phase in ("index_s", "decide_s", "write_s"):
+            hi = lo + result["stats"]["timing"][phase]
+            by_phase[phase.removesuffix("_s")] = round(max((mb for t, mb in samples if lo <= t <= hi), default=0.0), 1)
+            lo = hi
+        result["peak_mb_by_phase"] = by_phase
     result["load_avg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return result
 
@@ -569,7 +576,8 @@ def main() -> None:
     parser.add_argument("--compare-size", type=int, default=20_000, help="Records for --compare-datasketch.")
     parser.add_argument("--reps", type=int, default=3, help="--compare-datasketch: best of this many runs.")
     parser.add_argument("--no-baseline", action="store_true", help="Skip the datasketch baseline (for 10M runs).")
-    parser.add_argument("--out", help="Also write the report here (e.g. bench/results/dedupe.json), after each size.")
+    parser.add_argument("--out", help="Also write the report here (e.g. bench/results/dedupe.json), after each size; "
+                                      "sizes already in the file and not run again are kept.")
     parser.add_argument("--child", choices=("stage", "baseline", "compare"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -589,15 +597,24 @@ def main() -> None:
     base_n = 10_000 if args.quick else args.baseline_size
     workdir = Path(args.workdir)
     report: dict = {"cores": os.cpu_count(), "sizes": {}}
-    if args.out:
+    if args.out:  # sizes measured before (another run, another day) stay, each with its commit and date
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if Path(args.out).is_file():
+            report = {**json.loads(Path(args.out).read_text()), "cores": os.cpu_count()}
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    if commit and subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True).stdout.strip():
+        commit += "+changes"  # measured on uncommitted code
     for n in sizes:
         root, planted = dataset(workdir, n, args.seed)
         res = measure("stage", root, args.seed)
         ex = res["stats"]["exercise"]
         report["sizes"][str(n)] = {
             "docs_per_s": round(n / res["wall_s"], 1), "wall_s": round(res["wall_s"], 1), "peak_mb": res["peak_mb"],
-            "cpu_s": round(res["cpu_s"], 1), "load_avg": res["load_avg"],
+            "cpu_s": round(res["cpu_s"], 1), "load_avg": res["load_avg"], "peak_mb_by_phase": res["peak_mb_by_phase"],
+            "commit": commit, "date": time.strftime("%Y-%m-%d"),
+            "resumed": res["stats"]["timing"]["resumed"]["exercise"],
             "input_mb": round(planted["bytes"] / 2**20, 1), "kept": ex["kept"], "removed_exact": ex["removed_exact"],
             "removed_near": ex["removed_near"], "planted_exact": planted["exact"], "planted_near": planted["near"],
             "candidate_pairs": ex["candidate_pairs"], "confirmed_pairs": ex["confirmed_pairs"],

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,17 @@ import yaml
 from tests.fakeserver import FakeOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def kill_when_saved(proc: subprocess.Popen, folder: Path, pattern: str, count: int, timeout: float = 120) -> dict:
+    """SIGKILL `proc` once `count` files match `pattern` under `folder` (a stage's completion
+    markers); the markers then present, name -> mtime."""
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob(pattern))) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob(pattern)}
 
 
 def make_project(root: Path, params: dict) -> Path:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ from pipeline.stages.dedupe import (
     tokenize,
 )
 
-from .conftest import REPO
+from .conftest import REPO, kill_when_saved
 
 OUTPUTS = ("exercises.jsonl", "textbooks.jsonl", "removed.jsonl", "resolved_config.yaml")
 
@@ -275,9 +278,10 @@ def test_outputs_are_byte_identical_across_runs_and_worker_processes(tmp_path, m
     outputs = {name: (tmp_path / "out" / name).read_bytes() for name in OUTPUTS}
     assert first["exercise"]["removed_exact"] == len(range(0, 300, 7))
     # Tiny blocks and two spawned workers: the pooled path must give the same bytes.
-    monkeypatch.setattr(dedupe, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(dedupe, "SPANS_PER_TASK", 8)
-    second = run(tmp_path, "dedupe.workers=2")
+    second = run(tmp_path, "dedupe.workers=2", "dedupe.shard_bytes=4096")
+    assert second["timing"]["resumed"]["exercise"]["blocks"] > 10
+    assert not (tmp_path / "out" / ".shards").exists()  # work in progress is gone once the outputs are written
     assert second["timing"]["workers"] == 2
     # The resolved config records the worker count; every data output is byte-identical.
     assert {name: (tmp_path / "out" / name).read_bytes() for name in OUTPUTS if name != "resolved_config.yaml"} == {
@@ -285,6 +289,79 @@ def test_outputs_are_byte_identical_across_runs_and_worker_processes(tmp_path, m
     assert {k: v for k, v in first.items() if k != "timing"} == {k: v for k, v in second.items() if k != "timing"}
     written = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert written["exercise"] == second["exercise"]
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    return {name: (root / "out" / name).read_bytes() for name in OUTPUTS if name != "resolved_config.yaml"}
+
+
+def test_a_run_stopped_by_a_bad_record_resumes_from_the_blocks_it_finished(tmp_path):
+    recs = synthetic_exercises(300)
+    write_inputs(tmp_path / "clean", recs, [textbook("tb-000001", "Some text about loops " * 20)])
+    run(tmp_path / "clean")
+    bad = json.loads(dumps(recs[249]))
+    del bad["parsed"]["prompt"]
+    write_inputs(tmp_path, [*recs[:249], bad, *recs[250:]], [textbook("tb-000001", "Some text about loops " * 20)])
+    with pytest.raises(RecordError, match="exercises\\.jsonl:250"):
+        run(tmp_path, "dedupe.workers=1", "dedupe.shard_bytes=4096")
+    saved = list((tmp_path / "out" / ".shards").glob("exercise-*/blocks/block-*.npz"))
+    assert len(saved) > 10  # every block before the bad one
+    write_inputs(tmp_path, recs, [textbook("tb-000001", "Some text about loops " * 20)])  # the record fixed
+    stats = run(tmp_path, "dedupe.workers=1", "dedupe.shard_bytes=4096")
+    resumed = stats["timing"]["resumed"]["exercise"]
+    assert resumed["blocks_reused"] == len(saved) and resumed["blocks"] > len(saved)
+    assert outputs(tmp_path) == outputs(tmp_path / "clean")
+    assert not (tmp_path / "out" / ".shards").exists()
+
+
+def test_a_run_killed_while_confirming_resumes_from_its_saved_steps(tmp_path, monkeypatch):
+    # Functions that differ only in their name: near duplicates of one another, many pairs to confirm.
+    recs = [*synthetic_exercises(300), *(long_exercise(f"ex-9{i:05d}", name=f"smooth_{i}") for i in range(12))]
+    write_inputs(tmp_path / "clean", recs, [])
+    clean = run(tmp_path / "clean")
+    write_inputs(tmp_path, recs, [])
+    monkeypatch.setattr(dedupe, "CONFIRM_PAIRS", 7)
+
+    def killed(*_: object) -> None:  # the process dies after the last confirmation step
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dedupe, "_survivors", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path)
+    steps = -(-clean["exercise"]["candidate_pairs"] // 7)
+    assert steps > 3 and len(list((tmp_path / "out" / ".shards").glob("exercise-*/confirm-*/step-*.npy"))) == steps
+    stats = run(tmp_path)
+    assert stats["timing"]["resumed"]["exercise"]["confirm_steps_reused"] == steps
+    assert stats["timing"]["resumed"]["exercise"]["blocks_reused"] == stats["timing"]["resumed"]["exercise"]["blocks"]
+    assert outputs(tmp_path) == outputs(tmp_path / "clean")
+    # A changed input matches none of the saved work.
+    write_inputs(tmp_path, [*synthetic_exercises(300, seed=1), *recs[-12:]], [])
+    with monkeypatch.context() as patch:
+        patch.setattr(dedupe, "_survivors", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path)
+    write_inputs(tmp_path, recs, [])
+    again = run(tmp_path)["timing"]["resumed"]["exercise"]
+    assert again["blocks_reused"] == 0 and again["confirm_steps_reused"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_and_writes_what_a_clean_run_writes(tmp_path):
+    recs = synthetic_exercises(8000)
+    write_inputs(tmp_path, recs, [])
+    write_inputs(tmp_path / "clean", recs, [])
+    args = [sys.executable, "-m", "pipeline", "dedupe", "-q", "--config", str(REPO / "params.yaml"),
+            "--set", f"dedupe.input_dir={tmp_path / 'in'}", "--set", f"dedupe.output_dir={tmp_path / 'out'}",
+            "--set", "dedupe.workers=1", "--set", "dedupe.shard_bytes=16384"]
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
+    finished = kill_when_saved(proc, tmp_path / "out" / ".shards", "exercise-*/blocks/block-*.npz", 5)
+    assert len(finished) >= 5
+    stats = run(tmp_path, "dedupe.workers=1", "dedupe.shard_bytes=16384")
+    resumed = stats["timing"]["resumed"]["exercise"]
+    assert len(finished) <= resumed["blocks_reused"] < resumed["blocks"]  # killed mid-index, resumed from its shards
+    run(tmp_path / "clean")
+    assert outputs(tmp_path) == outputs(tmp_path / "clean")
 
 
 def test_non_canonical_input_lines_are_written_canonically(tmp_path):
@@ -338,13 +415,26 @@ def test_malformed_lines_and_duplicate_ids_are_clear_errors(tmp_path):
         run(tmp_path)
 
 
-def test_a_bad_record_deep_in_a_pooled_run_names_its_line(tmp_path, monkeypatch):
+def test_a_bad_record_deep_in_a_pooled_run_names_its_line(tmp_path):
     recs = synthetic_exercises(200)
     del recs[149]["parsed"]["prompt"]
     write_inputs(tmp_path, recs, [])
-    monkeypatch.setattr(dedupe, "BLOCK_BYTES", 2048)
     with pytest.raises(RecordError, match=rf"exercises\.jsonl:150: record '{recs[149]['id']}' is missing or has a bad parsed\.prompt"):
-        run(tmp_path, "dedupe.workers=2")
+        run(tmp_path, "dedupe.workers=2", "dedupe.shard_bytes=2048")
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 5000, 10**6])
+def test_blocks_cover_the_file_and_end_at_line_ends(tmp_path, size):
+    rng = np.random.default_rng(size)
+    lines = [b"x" * int(rng.integers(0, 9000)) for _ in range(200)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(lines))  # no newline at the end
+    blocks = list(dedupe._split_blocks(path, size))
+    assert [off for off, _ in blocks] == [0, *np.cumsum([n for _, n in blocks])[:-1].tolist()]
+    assert sum(n for _, n in blocks) == path.stat().st_size
+    data = path.read_bytes()
+    for off, n in blocks[:-1]:
+        assert n >= size and data[off + n - 1: off + n] == b"\n" and b"\n" not in data[off + size - 1: off + n - 1]
 
 
 def test_threshold_out_of_range_is_a_config_error():

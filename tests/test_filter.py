@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pipeline.core.records import RecordError, iter_sharded, read_jsonl, write_j
 from pipeline.stages.filter import run_filter
 from pipeline.stages.generate import parse_exercise
 
-from .conftest import REPO
+from .conftest import REPO, kill_when_saved
 
 GOOD = '''```python
 def add_up(values: list[int]) -> int:
@@ -186,12 +185,7 @@ def test_killed_filter_resumes_to_the_same_output(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(args + ["--set", f"filter.output_dir={tmp_path / 'killed'}"], env=env, cwd=tmp_path)
     shards = tmp_path / "killed" / ".shards"
-    deadline = time.monotonic() + 60
-    while len(list(shards.glob("shard-*.jsonl"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.jsonl")}
+    finished = kill_when_saved(proc, shards, "shard-*.jsonl", 2, timeout=60)
     assert 2 <= len(finished) < 6
     # Watch the shard folder during the resumed run: finished shards are reused, not rewritten.
     resumed = subprocess.Popen(args + ["--set", f"filter.output_dir={tmp_path / 'killed'}"], env=env, cwd=tmp_path)

@@ -423,8 +423,11 @@ class DedupeConfig:
                                              "candidates; bands and rows are the fewest-false-positive choice that "
                                              "meets it (0 = datasketch's balanced choice, ~0.4 at 0.8).")
     workers: int = opt(0, help="Worker processes for shingling and MinHash; 0 = all cores.")
+    shard_bytes: int = opt(4 << 20, help="Input bytes per indexing shard: one worker task, saved when done, so a "
+                                         "killed run redoes at most the shards in flight. Outputs do not depend on it.")
 
     def __post_init__(self) -> None:
+        check(self.shard_bytes >= 1, "dedupe.shard_bytes", f"must be >= 1, got {self.shard_bytes}")
         check(0 < self.threshold <= 1, "dedupe.threshold", f"must be in (0, 1], got {self.threshold}")
         check(self.num_perm >= 16, "dedupe.num_perm", f"must be >= 16, got {self.num_perm}")
         check(self.shingle_size >= 1, "dedupe.shingle_size", f"must be >= 1, got {self.shingle_size}")

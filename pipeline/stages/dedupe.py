@@ -15,16 +15,22 @@ order, a record confirmed against a lower kept record is removed as its duplicat
 removal is at or above the threshold with the record kept in its place.
 Not datasketch: our numpy batches are 1.9x faster than MinHash.bulk, 23x than MinHashLSH (bench/dedupe.py --compare-datasketch).
 
-Fast and lean at phi-1's scale (~1M exercises): blocks of the input are indexed in worker
-processes (JSON, tokens, a cheap screen key, then MinHash and band hashes in numpy over
-whole batches); only ids, byte offsets, 16-byte keys and band hashes stay in memory. Parsing
-is most of the cost, so only exercises sharing a screen key (which AST-equal code always
-shares) are parsed. Candidate buckets come from sorting band hashes, never from comparing
-all pairs; candidates' shingle sets are recomputed from the input for confirmation,
+Fast and lean at 10M records: blocks of the input (``dedupe.shard_bytes``) are indexed in
+worker processes (JSON, tokens, a cheap screen key, then MinHash and band hashes in numpy over
+whole batches). Only ids, byte offsets, 16-byte keys and shingle counts stay in memory (~50
+bytes a record); band hashes go to disk band by band, and LSH reads one band at a time.
+Parsing is most of the cost, so only exercises sharing a screen key (which AST-equal code
+always shares) are parsed. Candidate buckets come from sorting band hashes, never from
+comparing all pairs; candidates' shingle sets are recomputed from the input for confirmation,
 CONFIRM_PAIRS pairs at a time so memory does not grow with the candidates, and kept records
-are copied from it. What stays is ~170 bytes a record (128 of them the 16 band hashes; then
-key, offset, id, length, shingle count), ~1.7 GB at 10M records. Workers are spawned: call `run_dedupe` from a script only
-under ``if __name__ == "__main__":``.
+are copied from it. Workers are spawned: call `run_dedupe` from a script only under
+``if __name__ == "__main__":``.
+
+Resumable: each indexed block is saved as a shard named by the hash of its bytes and of the
+params, and each confirmation step under the hash of the whole index and of its pairs, in
+``output_dir/.shards``; a killed run reads them back and redoes only the work in flight
+(stats.json's ``timing.resumed`` says how much). The folder is deleted once the outputs are
+written.
 
 Outputs (in ``dedupe.output_dir``): exercises.jsonl and textbooks.jsonl (kept, sorted by
 id), removed.jsonl (each removed record with ``duplicate_of``, ``kind_of_duplicate``:
@@ -47,6 +53,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -66,8 +73,8 @@ log = logging.getLogger(__name__)
 KINDS = ("exercise", "textbook")
 INPUT_FILES = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
 REMOVED_FILE = "removed.jsonl"
+SHARDS_DIR = ".shards"  # work in progress, under output_dir: what a killed run resumes from
 
-BLOCK_BYTES = 4 << 20  # input bytes per worker task: big enough to amortise a task, small for memory
 BATCH_DOCS = 256  # documents per numpy batch (token hashing, shingles, MinHash)
 CONFIRM_PAIRS = 100_000  # candidate pairs confirmed per step: at most twice as many shingle sets held
 MINHASH_ROWS = 4096  # shingles x permutations per MinHash step: ~2 MB of uint32, fits in L2
@@ -393,45 +400,77 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return _mix64(acc)
 
 
-def lsh_candidates(bh: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET,
-                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(unique (i, j), i < j, of rows sharing a bucket in at least one band; the rows that are in a
-    crowded bucket, bigger than `all_pairs_bucket`, in some band), by sorting band hashes.
-    With `rows`, only bh[rows] takes part (i and j then index `rows`), copied one band at a time.
+def _bucket_pairs(column: np.ndarray, all_pairs_bucket: int, link_crowded: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes i * n + j, i < j, of the pairs that one column's buckets give; the rows of its crowded
+    buckets), by sorting the column.
 
-    A bucket of up to `all_pairs_bucket` rows gives all its pairs; a bigger one (boilerplate)
-    gives each row paired with the bucket's lowest row and with its neighbour, so a bucket
-    costs O(size) and clusters still connect. Near pairs inside a crowded bucket that are not
-    neighbours are found by `residual_pairs` on the crowded rows' signatures."""
-    n = len(bh) if rows is None else len(rows)
-    crowded = np.zeros(n, bool)
-    if n < 2:
-        return np.empty((0, 2), np.int64), crowded
-    found = []
-    pos = np.arange(n)
-    for band in range(bh.shape[1]):
-        column = bh[:, band] if rows is None else bh[rows, band]
-        order = np.argsort(column, kind="stable")  # stable: rows ascend within a bucket
-        values = column[order]
+    A bucket of up to `all_pairs_bucket` rows gives all its pairs; a bigger one gives, with
+    `link_crowded`, each row paired with the bucket's lowest row and with its neighbour (a star
+    and a chain, O(size)), else nothing. Only the rows of shared buckets are carried past the
+    sort, so the temporaries are ~26 bytes a row, whatever the number of bands."""
+    n = len(column)
+    order = np.argsort(column, kind="stable")  # stable: rows ascend within a bucket, so i < j below
+    values = column[order]
+    same = values[1:] == values[:-1]
+    shared = np.zeros(n, bool)
+    shared[1:] = same
+    shared[:-1] |= same
+    del same
+    at = np.flatnonzero(shared)
+    del shared
+    rows, values = order[at], values[at]
+    del order, at
+    m = len(rows)
+    if m == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    new = np.ones(m, bool)
+    new[1:] = values[1:] != values[:-1]
+    starts = np.flatnonzero(new)
+    run = np.cumsum(new) - 1
+    first = starts[run]
+    size = np.diff(np.append(starts, m))[run]
+    end = first + size
+    small = size <= all_pairs_bucket
+    pos = np.arange(m)
+    linked = (pos != first) & (small | link_crowded)
+    found = [rows[first[linked]] * n + rows[linked]]  # the star
+    for d in range(1, min(all_pairs_bucket, int(size.max()))):  # pairs d apart in a bucket
+        p = pos[: m - d]
+        ok = linked[: m - d] & (p + d < end[: m - d]) & (small[: m - d] | (d == 1))
+        found.append(rows[p[ok]] * n + rows[p[ok] + d])
+    return np.unique(np.concatenate(found)), rows[~small]
+
+
+def _as_columns(matrix: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    return (matrix[:, j] for j in range(matrix.shape[1])) if isinstance(matrix, np.ndarray) else matrix
+
+
+def _decode(codes: np.ndarray, n: int) -> np.ndarray:
+    return np.stack([codes // n, codes % n], 1) if len(codes) else np.empty((0, 2), np.int64)
+
+
+def lsh_candidates(bands: np.ndarray | Iterable[np.ndarray],
+                   all_pairs_bucket: int = ALL_PAIRS_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+    """(unique (i, j), i < j, sorted, of rows sharing a bucket in at least one band; whether each row
+    is in a crowded bucket, bigger than `all_pairs_bucket`, in some band), by sorting band hashes.
+
+    `bands` is a (records, bands) matrix or its columns one at a time (the stage reads them
+    from disk, so the matrix is never in memory). A crowded bucket (boilerplate) gives a star
+    and a chain (_bucket_pairs), so a bucket costs O(size) and clusters still connect; near
+    pairs inside it that are not neighbours are found by `residual_pairs` on the crowded
+    rows' signatures."""
+    codes, crowded, n = np.empty(0, np.int64), np.zeros(0, bool), 0
+    for column in _as_columns(bands):
+        n = len(column)
+        if len(crowded) != n:
+            crowded = np.zeros(n, bool)
+        if n < 2:
+            break
+        found, crowded_rows = _bucket_pairs(column, all_pairs_bucket, link_crowded=True)
         del column
-        new = np.ones(n, bool)
-        new[1:] = values[1:] != values[:-1]
-        starts = np.flatnonzero(new)
-        run = np.cumsum(new) - 1
-        first = starts[run]
-        size = np.diff(np.append(starts, n))[run]
-        if size.max() < 2:
-            continue
-        small = size <= all_pairs_bucket
-        crowded[order[~small]] = True
-        member = (size > 1) & (pos != first)
-        found.append(np.stack([order[first[member]], order[member]], 1))  # the star
-        end = first + size
-        for d in range(1, min(all_pairs_bucket, int(size.max()))):  # pairs d apart in a bucket
-            p = pos[: n - d]
-            ok = member[: n - d] & (p + d < end[: n - d]) & (small[: n - d] | (d == 1))
-            found.append(np.stack([order[p[ok]], order[p[ok] + d]], 1))
-    return _unique_pairs(found, n), crowded
+        crowded[crowded_rows] = True
+        codes = np.union1d(codes, found)  # a pair found in several bands is held once
+    return _decode(codes, n), crowded
 
 
 def candidate_pairs(bh: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) -> np.ndarray:
@@ -439,9 +478,10 @@ def candidate_pairs(bh: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) ->
     return lsh_candidates(bh, all_pairs_bucket)[0]
 
 
-def residual_pairs(sig: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) -> np.ndarray:
+def residual_pairs(sig: np.ndarray | Iterable[np.ndarray], all_pairs_bucket: int = ALL_PAIRS_BUCKET) -> np.ndarray:
     """Unique (i, j), i < j, of rows whose signatures share a value at some position that at most
     `all_pairs_bucket` rows share: LSH with one row per band, for the rows of crowded buckets.
+    `sig` is a (records, positions) matrix or its columns one at a time.
 
     Why: members of a crowded bucket agree on the boilerplate's minima, so a band rarely tells
     two near copies apart from the rest (their bands fall into the crowded bucket), and the
@@ -449,38 +489,52 @@ def residual_pairs(sig: np.ndarray, all_pairs_bucket: int = ALL_PAIRS_BUCKET) ->
     code, few records share it: two near copies at Jaccard 0.8 share such a value at several of
     the positions, unrelated members almost never. Values shared by more rows are boilerplate
     (or common code) and give nothing here."""
-    n, positions = sig.shape
-    found = []
-    for p in range(positions):
-        order = np.argsort(sig[:, p], kind="stable")
-        values = sig[order, p]
-        new = np.ones(n, bool)
-        new[1:] = values[1:] != values[:-1]
-        starts = np.flatnonzero(new)
-        run = np.cumsum(new) - 1
-        size = np.diff(np.append(starts, n))[run]
-        end = starts[run] + size
-        keep = (size > 1) & (size <= all_pairs_bucket)
-        idx = np.arange(n)
-        for d in range(1, min(all_pairs_bucket, int(size[keep].max()) if keep.any() else 1)):
-            i = idx[: n - d]
-            ok = keep[: n - d] & (i + d < end[: n - d])
-            found.append(np.stack([order[i[ok]], order[i[ok] + d]], 1))
-    return _unique_pairs(found, n)
+    codes, n = np.empty(0, np.int64), 0
+    for column in _as_columns(sig):
+        n = len(column)
+        codes = np.union1d(codes, _bucket_pairs(column, all_pairs_bucket, link_crowded=False)[0])
+    return _decode(codes, n)
 
 
 def _unique_pairs(found: list[np.ndarray], n: int) -> np.ndarray:
     """The pairs in `found` as unique (low, high) rows, sorted."""
     if not found:
         return np.empty((0, 2), np.int64)
-    both = np.concatenate(found).astype(np.int64)
-    codes = np.unique(np.minimum(both[:, 0], both[:, 1]) * n + np.maximum(both[:, 0], both[:, 1]))
-    return np.stack([codes // n, codes % n], 1)
+    codes = [np.minimum(p[:, 0], p[:, 1]).astype(np.int64) * n + np.maximum(p[:, 0], p[:, 1]) for p in found]
+    return _decode(np.unique(np.concatenate(codes)), n)
 
 
 # ---------------------------------------------------------------------------------------
-# Reading and indexing the input, in worker processes
+# Reading and indexing the input, in worker processes; what a killed run keeps
 # ---------------------------------------------------------------------------------------
+
+
+class _Columns:
+    """A (rows, width) matrix kept on disk column by column and appended a block of rows at a time:
+    reading one column holds that column, never the matrix (band hashes at 10M records are
+    1.3 GB, one band's column 80 MB). Scratch: rebuilt by every run."""
+
+    def __init__(self, directory: Path, width: int, dtype: type) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
+        self.paths = [directory / f"column-{j:03d}.bin" for j in range(width)]
+        self._files = [path.open("wb") for path in self.paths]
+
+    def append(self, block: np.ndarray) -> None:
+        for j, fh in enumerate(self._files):
+            fh.write(np.ascontiguousarray(block[:, j], self.dtype).tobytes())
+
+    def close(self) -> None:
+        for fh in self._files:
+            fh.close()
+        self._files = []
+
+    def column(self, j: int) -> np.ndarray:
+        return np.fromfile(self.paths[j], self.dtype)
+
+    def columns(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        for j in range(len(self.paths)):
+            yield self.column(j) if rows is None else self.column(j)[rows]
 
 
 @dataclass(frozen=True)
@@ -493,59 +547,98 @@ class _Params:
     rows: int
     hasher: MinHasher
 
+    def fingerprint(self) -> str:
+        """What decides a block's index (the hasher follows from the seed and bands x rows)."""
+        what = {"format": 2, "kind": self.kind, "exact": self.exact, "near": self.near, "k": self.shingle_size,
+                "bands": self.bands, "rows": self.rows, "a": self.hasher.a.tolist(), "b": self.hasher.b.tolist()}
+        return hashlib.blake2b(dumps(what).encode(), digest_size=8).hexdigest()
+
 
 @dataclass
 class _BlockTask:
     path: Path
     offset: int
     length: int
-    lineno: int  # of the block's first line
     params: _Params
+    shard_dir: Path  # finished blocks are saved here: a killed run redoes only the unfinished ones
+
+
+BLOCK_COLUMNS = ("ids", "offsets", "lengths", "keys", "counts", "canonical", "bands")
+
+
+@dataclass
+class _Block:
+    """Pass 1's result for one block of the input, in input order."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    keys: np.ndarray
+    counts: np.ndarray
+    canonical: np.ndarray
+    bands: np.ndarray  # (records, bands) uint64; (records, 0) without near dedupe
+    lines: int = 0  # newlines in the block: the main process numbers lines from them, in order
+    digest: str = ""  # of the block's bytes and the params: its shard's name
+    reused: bool = False  # loaded from a shard a previous run saved
+    error: tuple[int, str] | None = None  # (line in the block, message naming it) of a bad record
 
 
 @dataclass
 class _Index:
-    """What pass 1 learned about one input file: one entry per record, in id order once merged."""
+    """What pass 1 learned about one input file: one entry per record, in id order once merged.
+    ~50 bytes a record stay in memory; the band hashes stay on disk (`band_store`)."""
 
     ids: np.ndarray  # record ids, UTF-8 ("S"): ~10 bytes a record where a list of str costs ~70
     offsets: np.ndarray  # byte offset of the record's line
     lengths: np.ndarray  # line length, newline excluded
     keys: np.ndarray  # 16-byte screen keys ("S16"), exact keys once _decide has refined them
     counts: np.ndarray  # shingles (0: not part of near dedupe)
-    bands: np.ndarray  # (records, bands) uint64 LSH band hashes
     canonical: np.ndarray  # the line is already dumps(record)
+    band_store: _Columns | None  # LSH band hashes in input order, column by column
+    order: np.ndarray | None  # input row of each id-ordered row; None when the input is in id order
+    digest: str  # of every block's digest: names what decisions may be resumed from
+    reused_blocks: int
+    blocks: int = 0
 
     def id(self, row: int) -> str:
         return self.ids[row].decode("utf-8", "surrogatepass")
 
-    @classmethod
-    def merge(cls, blocks: list[_Index], n_bands: int) -> _Index:
-        """The blocks' entries concatenated and sorted by id (the order of outputs and survivors).
+    def bands(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """Each band's hashes of `rows` (id-ordered rows), one band at a time."""
+        return self.band_store.columns(rows if self.order is None else self.order[rows])
 
-        UTF-8 bytes sort as their code points, so the byte order is str's order. Blocks are
-        emptied as they are copied, and input already in id order (the usual case) is not
-        permuted: the band matrix, the biggest column, is never held twice."""
-        n = sum(len(b.ids) for b in blocks)
-        width = max((b.ids.dtype.itemsize for b in blocks), default=1)
-        out = cls(np.empty(n, f"S{width}"), np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, "S16"),
-                  np.empty(n, np.int32), np.empty((n, n_bands), _U64), np.empty(n, bool))
-        names = ("ids", "offsets", "lengths", "keys", "counts", "bands", "canonical")
-        lo = 0
-        while blocks:
-            block = blocks.pop(0)
-            for name in names:
-                getattr(out, name)[lo: lo + len(block.ids)] = getattr(block, name)
-            lo += len(block.ids)
-        if n > 1 and not (out.ids[1:] >= out.ids[:-1]).all():
-            order = np.argsort(out.ids, kind="stable")
-            for name in names:
-                column = getattr(out, name)
-                if column.ndim == 1:
-                    setattr(out, name, column[order])
-                else:  # band by band: one column's copy at a time
-                    for band in range(column.shape[1]):
-                        column[:, band] = column[order, band]
-        return out
+    @classmethod
+    def merge(cls, blocks: Iterable[_Block], band_store: _Columns | None) -> _Index:
+        """The blocks' entries concatenated and sorted by id (the order of outputs and survivors);
+        their band hashes appended to `band_store` as they come.
+
+        UTF-8 bytes sort as their code points, so the byte order is str's order."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in BLOCK_COLUMNS[:-1]}
+        digests, reused = [], 0
+        for block in blocks:
+            for name, column in parts.items():
+                column.append(getattr(block, name))
+            if band_store is not None:
+                band_store.append(block.bands)
+            digests.append(block.digest)
+            reused += block.reused
+        if band_store is not None:
+            band_store.close()
+        empty = {"ids": "S1", "offsets": np.int64, "lengths": np.int32, "keys": "S16", "counts": np.int32,
+                 "canonical": bool}
+        columns = {}
+        for name in BLOCK_COLUMNS[:-1]:  # a column's blocks are let go once it is whole
+            blocks_of = parts.pop(name)
+            columns[name] = np.empty(0, empty[name]) if not blocks_of else np.concatenate(blocks_of) \
+                if name == "ids" else np.concatenate(blocks_of).astype(empty[name], copy=False)  # ids: widest wins
+            del blocks_of
+        ids, order = columns["ids"], None
+        if len(ids) > 1 and not (ids[1:] >= ids[:-1]).all():
+            order = np.argsort(ids, kind="stable")
+            for name in BLOCK_COLUMNS[:-1]:  # one column's copy at a time
+                columns[name] = columns[name][order]
+        digest = hashlib.blake2b("\n".join(digests).encode(), digest_size=8).hexdigest()
+        return cls(**columns, band_store=band_store, order=order, digest=digest, reused_blocks=reused)
 
 
 def _parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> tuple[dict, str]:
@@ -559,11 +652,8 @@ def _parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> tuple[dict, s
     return rec, line
 
 
-def _iter_lines(path: Path, offset: int, length: int) -> Iterator[tuple[int, bytes]]:
-    """(absolute offset, line without newline) for every line of a block of a file."""
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        data = fh.read(length)
+def _iter_lines(data: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
+    """(absolute offset, line without newline) for every line of a block read at `offset`."""
     lines = data.split(b"\n")
     if lines[-1] == b"":  # what follows the last newline
         lines.pop()
@@ -576,7 +666,7 @@ def _iter_lines(path: Path, offset: int, length: int) -> Iterator[tuple[int, byt
 def _near_columns(tokens: list[list[str]], p: _Params) -> tuple[np.ndarray, np.ndarray]:
     """(shingle counts, band hashes) of tokenised documents, in numpy batches of BATCH_DOCS."""
     counts = np.zeros(len(tokens), np.int64)
-    bands = np.zeros((len(tokens), p.bands), _U64)
+    bands = np.zeros((len(tokens), p.bands if p.near else 0), _U64)
     if not p.near:
         return counts, bands
     for lo in range(0, len(tokens), BATCH_DOCS):
@@ -586,14 +676,30 @@ def _near_columns(tokens: list[list[str]], p: _Params) -> tuple[np.ndarray, np.n
     return counts, bands
 
 
-def _index_block(task: _BlockTask) -> _Index:
-    """Pass 1 over one block: validate, screen key, shingle count and band hashes of each record."""
+def _index_block(task: _BlockTask) -> _Block:
+    """Pass 1 over one block: validate, screen key, shingle count and band hashes of each record.
+
+    A finished block is saved as a shard named by the hash of its bytes and the params (the
+    file's existence is its completion marker, as in datatrove), so a killed run, or a run on
+    an input that grew, reads it back instead of redoing it."""
+    with task.path.open("rb") as fh:
+        fh.seek(task.offset)
+        data = fh.read(task.length)
+    digest = hashlib.blake2b(data, digest_size=12, key=task.params.fingerprint().encode()).hexdigest()
+    shard = task.shard_dir / f"block-{task.offset:013d}-{digest}.npz"
+    lines = data.count(b"\n")
+    if shard.is_file():
+        with np.load(shard) as saved:
+            return _Block(**{name: saved[name] for name in BLOCK_COLUMNS}, lines=lines, digest=digest, reused=True)
     p = task.params
     ids, offsets, lengths, keys, canonical, tokens = [], [], [], [], [], []
-    for lineno, (offset, raw) in enumerate(_iter_lines(task.path, task.offset, task.length), task.lineno):
+    for lineno, (offset, raw) in enumerate(_iter_lines(data, task.offset), 1):
         if not raw.strip():
             continue
-        rec, line = _parse_line(raw, task.path, lineno, p.kind)
+        try:
+            rec, line = _parse_line(raw, task.path, lineno, p.kind)
+        except RecordError as exc:  # numbered within the block: the main process knows the lines before it
+            return _Block(*(np.empty(0),) * len(BLOCK_COLUMNS), error=(lineno, str(exc)))
         text = record_text(p.kind, rec["parsed"])
         toks = _raw_tokens(p.kind, text)
         if p.exact:
@@ -603,49 +709,68 @@ def _index_block(task: _BlockTask) -> _Index:
         lengths.append(len(raw))
         canonical.append(dumps(rec) == line)
         tokens.append(toks)
+    del data
     counts, bands = _near_columns(tokens, p)
-    key_col = np.frombuffer(b"".join(keys), "S16") if p.exact else np.zeros(len(ids), "S16")
-    id_col = np.array([i.encode("utf-8", "surrogatepass") for i in ids], "S") if ids else np.empty(0, "S1")
-    return _Index(id_col, np.array(offsets, np.int64), np.array(lengths, np.int64), key_col, counts, bands,
-                  np.array(canonical, bool))
+    block = _Block(
+        ids=np.array([i.encode("utf-8", "surrogatepass") for i in ids], "S") if ids else np.empty(0, "S1"),
+        offsets=np.array(offsets, np.int64), lengths=np.array(lengths, np.int64),
+        keys=np.frombuffer(b"".join(keys), "S16") if p.exact else np.zeros(len(ids), "S16"),
+        counts=counts, canonical=np.array(canonical, bool), bands=bands, lines=lines, digest=digest)
+    _save_npz(shard, {name: getattr(block, name) for name in BLOCK_COLUMNS})
+    return block
 
 
-def _split_blocks(path: Path, size: int) -> Iterator[tuple[int, int, int]]:
-    """(offset, length, first line number) of newline-aligned blocks of about `size` bytes."""
-    offset, lineno, pending = 0, 1, b""
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomically: the file appears whole or not at all (it is a completion marker)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def _split_blocks(path: Path, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of newline-aligned blocks of at least `size` bytes (to the end of the line
+    in which `size` falls). Only the bytes at each boundary are read: the workers count lines."""
+    total = path.stat().st_size
+    start = 0
     with path.open("rb") as fh:
-        while True:
-            data = fh.read(size)
-            buf = pending + data
-            cut = len(buf) if not data else buf.rfind(b"\n") + 1
-            if cut:
-                yield offset, cut, lineno
-                lineno += buf.count(b"\n", 0, cut)
-                offset += cut
-            pending = buf[cut:]
-            if not data:
-                return
+        while start < total:
+            pos, end = start + size - 1, total
+            while pos < total:  # the first newline at or after pos ends the block
+                fh.seek(pos)
+                chunk = fh.read(4096)
+                nl = chunk.find(b"\n")
+                if nl >= 0:
+                    end = pos + nl + 1
+                    break
+                pos += len(chunk)
+            yield start, end - start
+            start = end
 
 
-def _recompute_task(task: tuple[str, str, Path, int, list[tuple[int, int]], MinHasher | None]) -> list:
-    """For the records at (offset, length) spans, in order: their exact keys (what="exact", as
-    (key, parsed) pairs), their sorted shingle sets (what="shingles") or their MinHash
-    signatures (what="signatures", the hasher's, as in pass 1)."""
-    what, kind, path, k, spans, hasher = task
+def _recompute_task(task: tuple[str, str, Path, int, np.ndarray, np.ndarray, MinHasher | None]) -> object:
+    """For the records at (offsets, lengths), in order: their exact keys (what="exact": the keys
+    joined as bytes, and whether each parsed), their sorted shingle sets (what="shingles", a list)
+    or their MinHash signatures (what="signatures", the hasher's as in pass 1: one matrix)."""
+    what, kind, path, k, offsets, lengths, hasher = task
     texts = []
     with path.open("rb") as fh:
-        for offset, length in spans:
+        for offset, length in zip(offsets.tolist(), lengths.tolist(), strict=True):
             fh.seek(offset)
             texts.append(record_text(kind, json.loads(fh.read(length))["parsed"]))
     if what == "exact":
-        return [exact_key(kind, t) for t in texts]
+        keys = [exact_key(kind, t) for t in texts]
+        return b"".join(key for key, _ in keys), np.array([ok for _, ok in keys], bool)
     out = []
     for lo in range(0, len(texts), BATCH_DOCS):
         hashes, counts = shingle_hashes([_raw_tokens(kind, t) for t in texts[lo: lo + BATCH_DOCS]], k)
         if what == "signatures":
-            out.extend(hasher.signatures(hashes, counts))
+            out.append(hasher.signatures(hashes, counts))
         else:
             out.extend(np.unique(h) for h in np.split(hashes, np.cumsum(counts)[:-1]))
+    if what == "signatures":
+        return np.concatenate(out) if out else np.empty((0, hasher.num_perm), np.uint32)
     return out
 
 
@@ -656,8 +781,9 @@ class _Workers:
         self.workers = workers
         self._pool: multiprocessing.pool.Pool | None = None
 
-    def imap(self, fn: Callable, tasks: list) -> Iterator:
-        if self.workers <= 1 or len(tasks) <= 1:
+    def imap(self, fn: Callable, tasks: Iterable, count: int) -> Iterator:
+        """fn over `count` tasks, in order; a pool takes a generator's tasks as it needs them."""
+        if self.workers <= 1 or count <= 1:
             return map(fn, tasks)
         if self._pool is None:
             # spawn: workers start clean (no inherited threads or locks), the same on every OS.
@@ -697,6 +823,7 @@ class _Outcome:
     exact: np.ndarray  # bool per row: removed as an exact duplicate of its survivor
     jaccard: dict[int, float]  # removed near-duplicate row -> true Jaccard with its survivor
     stats: dict
+    resumed: dict  # blocks and confirmation steps read back from a killed run's shards
 
 
 def _survivors(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -706,25 +833,28 @@ def _survivors(n: int, pairs: np.ndarray) -> np.ndarray:
 
     Why not union-find's components: a chain A~B~C joins C to A although A and C may be under
     the threshold; here every removed row is at or above the threshold with the record kept in
-    its place, so every removal is confirmed."""
+    its place, so every removal is confirmed. Only the rows in some pair enter the loop."""
     survivor = np.arange(n)
     if len(pairs) == 0:
         return survivor
-    by_high = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by j, then i: a row's lower rows are decided
-    kept = survivor.tolist()
+    nodes, local = np.unique(pairs, return_inverse=True)  # ascending: local order is row order
+    local = local.reshape(pairs.shape)
+    by_high = local[np.lexsort((local[:, 0], local[:, 1]))]  # by j, then i: a row's lower rows are decided
+    kept = list(range(len(nodes)))
     for i, j in by_high.tolist():
         if kept[j] == j and kept[i] == i:
             kept[j] = i
-    return np.array(kept)
+    survivor[nodes] = nodes[kept]
+    return survivor
 
 
 def _recompute(what: str, kind: str, path: Path, index: _Index, rows: np.ndarray, k: int,
-               workers: _Workers, hasher: MinHasher | None = None) -> list:
-    """_recompute_task's results for `rows`, re-read from the input by the workers."""
-    spans = [(int(index.offsets[r]), int(index.lengths[r])) for r in rows.tolist()]
-    tasks = [(what, kind, path, k, spans[i: i + SPANS_PER_TASK], hasher)
-             for i in range(0, len(spans), SPANS_PER_TASK)]
-    return list(itertools.chain.from_iterable(workers.imap(_recompute_task, tasks)))
+               workers: _Workers, hasher: MinHasher | None = None) -> Iterator:
+    """_recompute_task's results for `rows`, SPANS_PER_TASK rows a task, in order, re-read from the
+    input by the workers. Tasks are made as the pool takes them: nothing grows with `rows`."""
+    tasks = ((what, kind, path, k, index.offsets[rows[lo: lo + SPANS_PER_TASK]],
+              index.lengths[rows[lo: lo + SPANS_PER_TASK]], hasher) for lo in range(0, len(rows), SPANS_PER_TASK))
+    return workers.imap(_recompute_task, tasks, -(-len(rows) // SPANS_PER_TASK))
 
 
 def _exact_groups(kind: str, path: Path, index: _Index, workers: _Workers) -> tuple[np.ndarray, dict]:
@@ -736,61 +866,98 @@ def _exact_groups(kind: str, path: Path, index: _Index, workers: _Workers) -> tu
     if kind == "exercise":
         _, inverse, counts = np.unique(index.keys, return_inverse=True, return_counts=True)
         shared = np.flatnonzero(counts[inverse.ravel()] > 1)
-        results = _recompute("exact", kind, path, index, shared, 0, workers)
-        if results:
-            index.keys[shared] = np.frombuffer(b"".join(key for key, _ in results), "S16")
-        stats = {"ast_checked": len(shared), "unparsable_code": sum(not ok for _, ok in results)}
+        del inverse, counts
+        unparsable, lo = 0, 0
+        for keys, parsed in _recompute("exact", kind, path, index, shared, 0, workers):
+            index.keys[shared[lo: lo + len(parsed)]] = np.frombuffer(keys, "S16")
+            unparsable += int((~parsed).sum())
+            lo += len(parsed)
+        stats = {"ast_checked": len(shared), "unparsable_code": unparsable}
     # np.unique's first occurrence is the lowest id: rows are sorted by id.
     _, first, inverse = np.unique(index.keys, return_index=True, return_inverse=True)
     return first[inverse.ravel()], stats
 
 
+def _checkpointed(path: Path, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
+    """(compute()'s array, whether it was read back from `path`, where a previous run saved it)."""
+    if path.is_file():
+        return np.load(path), True
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        np.save(fh, value)
+    os.replace(tmp, path)
+    return value, False
+
+
 def _jaccards(kind: str, path: Path, index: _Index, pairs: np.ndarray, k: int, workers: _Workers,
-              bar: tqdm) -> np.ndarray:
-    """True Jaccard of each pair, CONFIRM_PAIRS at a time: only one step's shingle sets (recomputed
-    from the input by the workers) are held, whatever the number of candidates."""
+              work: Path, bar: tqdm) -> tuple[np.ndarray, int]:
+    """(true Jaccard of each pair, steps read back from a killed run), CONFIRM_PAIRS at a time:
+    only one step's shingle sets (recomputed from the input by the workers) are held, whatever
+    the number of candidates. Each finished step is saved under the input's digest and its
+    pairs' hash, so a killed run resumes at the step it was in."""
     sims = np.empty(len(pairs), float)
+    reused = 0
     for lo in range(0, len(pairs), CONFIRM_PAIRS):
         step = pairs[lo: lo + CONFIRM_PAIRS]
-        docs = np.unique(step)
-        sets = dict(zip(docs.tolist(), _recompute("shingles", kind, path, index, docs, k, workers), strict=True))
-        sims[lo: lo + len(step)] = [jaccard(sets[i], sets[j]) for i, j in step.tolist()]
+
+        def confirm(step: np.ndarray = step) -> np.ndarray:
+            docs = np.unique(step)
+            sets = dict(zip(docs.tolist(), itertools.chain.from_iterable(
+                _recompute("shingles", kind, path, index, docs, k, workers)), strict=True))
+            return np.array([jaccard(sets[i], sets[j]) for i, j in step.tolist()], float)
+
+        name = hashlib.blake2b(step.tobytes(), digest_size=8).hexdigest()
+        sims[lo: lo + len(step)], was_saved = _checkpointed(
+            work / f"confirm-{index.digest}" / f"step-{lo // CONFIRM_PAIRS:06d}-{name}.npy", confirm)
+        reused += was_saved
         bar.update(len(step))
-    return sims
+    return sims, reused
+
+
+def _crowded_signatures(kind: str, path: Path, index: _Index, rows: np.ndarray, k: int, hasher: MinHasher,
+                        workers: _Workers, work: Path) -> _Columns:
+    """The MinHash signatures of `rows`, recomputed by the workers and kept on disk by position."""
+    store = _Columns(work / "crowded-signatures", hasher.num_perm, np.uint32)
+    for sig in _recompute("signatures", kind, path, index, rows, k, workers, hasher):
+        store.append(sig)
+    store.close()
+    return store
 
 
 def _near_clusters(kind: str, path: Path, index: _Index, rep: np.ndarray, dd: DedupeConfig, hasher: MinHasher,
-                   workers: _Workers, progress: bool) -> tuple[np.ndarray, dict[int, float], dict]:
+                   workers: _Workers, work: Path, progress: bool) -> tuple[np.ndarray, dict[int, float], dict]:
     """(each row's survivor, true Jaccard of each near-removed row with it, stats): LSH candidates
     among exact representatives (plus residual pairs among the rows of crowded buckets, from
     their recomputed signatures), confirmed by true Jaccard, survivors in id order (_survivors)."""
     n = len(index.ids)
     eligible = np.flatnonzero((rep == np.arange(n)) & (index.counts > 0))
-    local, crowded = lsh_candidates(index.bands, rows=eligible)
-    found = [local]
+    found, crowded = lsh_candidates(index.bands(eligible))
+    found = [found]
     crowded_rows = np.flatnonzero(crowded)
+    del crowded
     if len(crowded_rows) > 1:
-        sig = np.stack(_recompute("signatures", kind, path, index, eligible[crowded_rows], dd.shingle_size, workers,
-                                  hasher))
-        found.append(crowded_rows[residual_pairs(sig)])
-        del sig
+        sig = _crowded_signatures(kind, path, index, eligible[crowded_rows], dd.shingle_size, hasher, workers, work)
+        found.append(crowded_rows[residual_pairs(sig.columns())])
     pairs = eligible[_unique_pairs(found, len(eligible))]  # sorted: eligible ascends
-    del found, local
+    del found
     with tqdm(total=len(pairs), desc=f"confirm {kind}", unit="pair", disable=not progress, mininterval=0.5) as bar:
-        sims = _jaccards(kind, path, index, pairs, dd.shingle_size, workers, bar)
+        sims, reused = _jaccards(kind, path, index, pairs, dd.shingle_size, workers, work, bar)
         keep = sims >= dd.threshold
         confirmed, confirmed_sims = pairs[keep], sims[keep]
+    del pairs, sims
     survivor = _survivors(n, confirmed)[rep]
     # A removed row's Jaccard with its survivor is their confirmed pair's (confirmed is sorted).
     removed = np.flatnonzero(survivor != rep)
     at = np.searchsorted(confirmed[:, 0] * n + confirmed[:, 1], survivor[removed] * n + rep[removed])
     jaccards = dict(zip(removed.tolist(), confirmed_sims[at].tolist(), strict=True))
-    return survivor, jaccards, {"candidate_pairs": len(pairs), "confirmed_pairs": len(confirmed),
-                                "crowded_rows": len(crowded_rows)}
+    return survivor, jaccards, {"candidate_pairs": int(keep.size), "confirmed_pairs": len(confirmed),
+                                "crowded_rows": len(crowded_rows), "confirm_steps_reused": reused}
 
 
 def _decide(kind: str, path: Path, index: _Index, dd: DedupeConfig, hasher: MinHasher, workers: _Workers,
-            progress: bool) -> _Outcome:
+            work: Path, progress: bool) -> _Outcome:
     n = len(index.ids)
     rows = np.arange(n)
     rep, stats = rows, {"ast_checked": 0, "unparsable_code": 0}
@@ -798,8 +965,10 @@ def _decide(kind: str, path: Path, index: _Index, dd: DedupeConfig, hasher: MinH
         rep, stats = _exact_groups(kind, path, index, workers)
     survivor, jaccards = rep, {}
     stats.update({"candidate_pairs": 0, "confirmed_pairs": 0, "crowded_rows": 0})
+    reused = 0
     if dd.near and n:
-        survivor, jaccards, near_stats = _near_clusters(kind, path, index, rep, dd, hasher, workers, progress)
+        survivor, jaccards, near_stats = _near_clusters(kind, path, index, rep, dd, hasher, workers, work, progress)
+        reused = near_stats.pop("confirm_steps_reused")
         stats.update(near_stats)
     removed = survivor != rows
     exact = removed & (index.keys == index.keys[survivor]) if dd.exact else np.zeros(n, bool)
@@ -813,7 +982,8 @@ def _decide(kind: str, path: Path, index: _Index, dd: DedupeConfig, hasher: MinH
         # (= generation) order; a rising curve means the prompt space is running out.
         "duplicate_rate_per_1000": [round(float(removed[i:i + 1000].mean()), 4) for i in range(0, n, 1000)],
     })
-    return _Outcome(survivor, exact, jaccards, stats)
+    return _Outcome(survivor, exact, jaccards, stats, {"blocks": index.blocks, "blocks_reused": index.reused_blocks,
+                                                       "confirm_steps_reused": reused})
 
 
 # ---------------------------------------------------------------------------------------
@@ -868,15 +1038,25 @@ def _write_outputs(out_dir: Path, paths: dict[str, Path], indexes: dict[str, _In
 # ---------------------------------------------------------------------------------------
 
 
-def _index_file(kind: str, path: Path, params: _Params, workers: _Workers, progress: bool) -> _Index:
-    tasks = [_BlockTask(path, off, length, lineno, params) for off, length, lineno in _split_blocks(path, BLOCK_BYTES)]
-    blocks = []
-    with tqdm(total=path.stat().st_size, desc=f"index {kind}", unit="B", unit_scale=True, disable=not progress,
-              mininterval=0.5) as bar:
-        for task, block in zip(tasks, workers.imap(_index_block, tasks), strict=True):
-            blocks.append(block)
-            bar.update(task.length)
-    index = _Index.merge(blocks, params.bands)
+def _index_file(kind: str, path: Path, params: _Params, workers: _Workers, work: Path, shard_bytes: int,
+                progress: bool) -> _Index:
+    tasks = [_BlockTask(path, off, length, params, work / "blocks") for off, length in _split_blocks(path, shard_bytes)]
+    band_store = _Columns(work / "bands", params.bands, _U64) if params.near else None
+
+    def blocks() -> Iterator[_Block]:
+        lines = 0  # before the block
+        with tqdm(total=path.stat().st_size, desc=f"index {kind}", unit="B", unit_scale=True, disable=not progress,
+                  mininterval=0.5) as bar:
+            for task, block in zip(tasks, workers.imap(_index_block, tasks, len(tasks)), strict=True):
+                if block.error:
+                    at, message = block.error
+                    raise RecordError(message.replace(f"{path}:{at}:", f"{path}:{lines + at}:", 1))
+                yield block
+                lines += block.lines
+                bar.update(task.length)
+
+    index = _Index.merge(blocks(), band_store)
+    index.blocks = len(tasks)
     dup = np.flatnonzero(index.ids[1:] == index.ids[:-1])
     if len(dup):
         raise RecordError(f"{path}: record id {index.id(int(dup[0]))!r} appears more than once")
@@ -884,7 +1064,11 @@ def _index_file(kind: str, path: Path, params: _Params, workers: _Workers, progr
 
 
 def run_dedupe(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict:
-    """The stage's core: returns its stats (also written to stats.json)."""
+    """The stage's core: returns its stats (also written to stats.json).
+
+    Work in progress lives in ``output_dir/.shards`` (indexed blocks and confirmation steps,
+    which a killed run reads back; band hashes and crowded rows' signatures, scratch) and is
+    deleted once the outputs are written."""
     dd = cfg.dedupe
     paths = {kind: Path(dd.input_dir) / INPUT_FILES[kind] for kind in KINDS}
     for path in paths.values():  # both inputs are checked before any work
@@ -896,16 +1080,18 @@ def run_dedupe(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     bands, rows = lsh_params(dd.threshold, dd.num_perm, dd.candidate_recall)
     hasher = MinHasher(bands * rows, cfg.seed)  # permutations beyond bands*rows would go unused
     t0 = time.monotonic()
-    indexes, outcomes = {}, {}
+    indexes, outcomes, works = {}, {}, {}
     with _Workers(dd.workers or _cores()) as workers:
         for kind in KINDS:
             params = _Params(kind, dd.exact, dd.near, dd.shingle_size, bands, rows, hasher)
-            indexes[kind] = _index_file(kind, paths[kind], params, workers, progress)
+            works[kind] = out_dir / SHARDS_DIR / f"{kind}-{params.fingerprint()}"
+            indexes[kind] = _index_file(kind, paths[kind], params, workers, works[kind], dd.shard_bytes, progress)
         t_index = time.monotonic()
         for kind in KINDS:
-            outcomes[kind] = _decide(kind, paths[kind], indexes[kind], dd, hasher, workers, progress)
+            outcomes[kind] = _decide(kind, paths[kind], indexes[kind], dd, hasher, workers, works[kind], progress)
     t_decide = time.monotonic()
     _write_outputs(out_dir, paths, indexes, outcomes, progress)
+    shutil.rmtree(out_dir / SHARDS_DIR, ignore_errors=True)  # finished: the shards have served their purpose
     wall = time.monotonic() - t0
     n_docs = sum(len(i.ids) for i in indexes.values())
     stats = {
@@ -919,7 +1105,9 @@ def run_dedupe(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
                 "shingle_size": dd.shingle_size, "exact": dd.exact, "near": dd.near},
         "timing": {"wall_s": round(wall, 3), "index_s": round(t_index - t0, 3),
                    "decide_s": round(t_decide - t_index, 3), "write_s": round(time.monotonic() - t_decide, 3),
-                   "docs_per_s": round(n_docs / max(wall, 1e-9), 1), "workers": workers.used},
+                   "docs_per_s": round(n_docs / max(wall, 1e-9), 1), "workers": workers.used,
+                   # How much a killed run's shards saved this one (0 on a clean run).
+                   "resumed": {kind: outcomes[kind].resumed for kind in KINDS}},
     }
     write_json(out_dir / "stats.json", stats)
     log.info("dedupe: kept %s, removed %s (bands=%d rows=%d) in %.1fs",
