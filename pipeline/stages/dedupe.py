@@ -59,6 +59,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -598,7 +599,7 @@ class _Index:
     order: np.ndarray | None  # input row of each id-ordered row; None when the input is in id order
     digest: str  # of every block's digest: names what decisions may be resumed from
     reused_blocks: int
-    blocks: int = 0
+    blocks: int
 
     def id(self, row: int) -> str:
         return self.ids[row].decode("utf-8", "surrogatepass")
@@ -629,8 +630,12 @@ class _Index:
         columns = {}
         for name in BLOCK_COLUMNS[:-1]:  # a column's blocks are let go once it is whole
             blocks_of = parts.pop(name)
-            columns[name] = np.empty(0, empty[name]) if not blocks_of else np.concatenate(blocks_of) \
-                if name == "ids" else np.concatenate(blocks_of).astype(empty[name], copy=False)  # ids: widest wins
+            if not blocks_of:
+                columns[name] = np.empty(0, empty[name])
+            elif name == "ids":  # the widest block's width
+                columns[name] = np.concatenate(blocks_of)
+            else:
+                columns[name] = np.concatenate(blocks_of).astype(empty[name], copy=False)
             del blocks_of
         ids, order = columns["ids"], None
         if len(ids) > 1 and not (ids[1:] >= ids[:-1]).all():
@@ -638,7 +643,8 @@ class _Index:
             for name in BLOCK_COLUMNS[:-1]:  # one column's copy at a time
                 columns[name] = columns[name][order]
         digest = hashlib.blake2b("\n".join(digests).encode(), digest_size=8).hexdigest()
-        return cls(**columns, band_store=band_store, order=order, digest=digest, reused_blocks=reused)
+        return cls(**columns, band_store=band_store, order=order, digest=digest, reused_blocks=reused,
+                   blocks=len(digests))
 
 
 def _parse_line(raw: bytes, path: Path, lineno: int, kind: str) -> tuple[dict, str]:
@@ -716,16 +722,17 @@ def _index_block(task: _BlockTask) -> _Block:
         offsets=np.array(offsets, np.int64), lengths=np.array(lengths, np.int64),
         keys=np.frombuffer(b"".join(keys), "S16") if p.exact else np.zeros(len(ids), "S16"),
         counts=counts, canonical=np.array(canonical, bool), bands=bands, lines=lines, digest=digest)
-    _save_npz(shard, {name: getattr(block, name) for name in BLOCK_COLUMNS})
+    _save_atomically(shard, lambda fh: np.savez(fh, **{name: getattr(block, name) for name in BLOCK_COLUMNS}))
     return block
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomically: the file appears whole or not at all (it is a completion marker)."""
+def _save_atomically(path: Path, save: Callable[[BinaryIO], object]) -> None:
+    """save(file) to a temp file, then renamed: the file appears whole or not at all (it is a
+    completion marker)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as fh:
-        np.savez(fh, **arrays)
+        save(fh)
     os.replace(tmp, path)
 
 
@@ -883,11 +890,7 @@ def _checkpointed(path: Path, compute: Callable[[], np.ndarray]) -> tuple[np.nda
     if path.is_file():
         return np.load(path), True
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        np.save(fh, value)
-    os.replace(tmp, path)
+    _save_atomically(path, lambda fh: np.save(fh, value))
     return value, False
 
 
@@ -1056,7 +1059,6 @@ def _index_file(kind: str, path: Path, params: _Params, workers: _Workers, work:
                 bar.update(task.length)
 
     index = _Index.merge(blocks(), band_store)
-    index.blocks = len(tasks)
     dup = np.flatnonzero(index.ids[1:] == index.ids[:-1])
     if len(dup):
         raise RecordError(f"{path}: record id {index.id(int(dup[0]))!r} appears more than once")
