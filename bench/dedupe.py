@@ -451,10 +451,10 @@ def child_compare(root: Path, seed: int, reps: int) -> dict:
     from pipeline.stages.dedupe import (
         BATCH_DOCS,
         MinHasher,
-        _raw_tokens,
         band_hashes,
         candidate_pairs,
         optimal_bands,
+        raw_tokens,
         record_text,
         shingle_hashes,
     )
@@ -464,7 +464,7 @@ def child_compare(root: Path, seed: int, reps: int) -> dict:
         texts = [record_text("exercise", json.loads(line)["parsed"]) for line in fh]
     n = len(texts)
     # The shingle sets, untimed: the stage's batches of (64-bit shingle hashes, shingles per document).
-    batches = [shingle_hashes([_raw_tokens("exercise", t) for t in texts[lo: lo + BATCH_DOCS]], cfg.shingle_size)
+    batches = [shingle_hashes([raw_tokens("exercise", t) for t in texts[lo: lo + BATCH_DOCS]], cfg.shingle_size)
                for lo in range(0, n, BATCH_DOCS)]
     # datasketch's input, untimed: per document the upper 32 bits of each shingle hash (what MinHasher
     # permutes), as Python ints, so its hashfunc can be the identity.

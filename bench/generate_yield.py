@@ -3,7 +3,7 @@
 Both arms send the same exercise prompts (same teacher GGUF, same run seed, same templates) from
 cold request caches, then run the filter stage; what counts is what the filter keeps.
 
-- baseline: the settings before issue 11: llama-cpp-python, 2 server processes (one request at a
+- baseline: the earlier recipe: llama-cpp-python, 2 server processes (one request at a
   time each), temperature 0.8, every assert must pass;
 - improved: the repo's recipe as params.yaml and the cpu-offline profile set it (greedy decoding,
   salvaged loops, the `observed` assert policy, repair rounds as configured) on llama.cpp's C++
@@ -83,7 +83,7 @@ def run_arm(root: Path, arm: str, n: int, slots: int) -> dict:
     ]
     if improved:  # the repo's recipe (params.yaml + profile) on the batched server
         overrides += ["generate.teacher=teacher-batched", f"generate.client.concurrency={slots}"]
-    else:  # the settings before issue 11
+    else:  # the earlier recipe
         overrides += ["generate.teacher=teacher-baseline", "generate.client.concurrency=2",
                       "generate.sampling.temperature=0.8", "generate.repair_rounds=0", "filter.assert_policy=all",
                       "generate.salvage_truncated=false"]

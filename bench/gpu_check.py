@@ -1,4 +1,4 @@
-"""The GPU check (issue 14): the project's own QLoRA path against plain LoRA in bf16 on one GPU, and
+"""The GPU check: the project's own QLoRA path against plain LoRA in bf16 on one GPU, and
 in-process generation, on a random-weight student built from deepseek-coder-1.3b-base's config (the
 a100 profile's student; no download). One JSON object is the last line of stdout.
 
@@ -11,13 +11,19 @@ LoRA on the bf16 base) it loads the saved random model through `pipeline.engines
 LoRA on it (`pipeline.engines.training.add_lora`: rank 16 on every projection, k-bit preparation for
 nf4), and times `--steps` optimizer steps (AdamW, batch x sequence random tokens, loss on every token,
 gradient checkpointing as the finetune stage uses) after `--warmup` steps: tokens/s and the peak GPU
-memory. Generation: greedy `generate` of `--new-tokens` tokens for a batch of prompts with the bf16
-model, tokens/s. Ratios compare QLoRA with plain LoRA in the same run.
+memory. Each arm's model is freed (and the CUDA cache emptied) before the next loads, so one arm's peak
+never includes the other's weights. Generation: the evaluate stage's in-process engine
+(`pipeline.engines.student.InProcessModel`: bf16 on the GPU, greedy requests batched) on `--gen-batch`
+prompts of `--new-tokens` tokens at most, tokens/s. Ratios compare QLoRA with plain LoRA in the same run.
+
+Whatever fails (an arm, generation, the set-up), the last line of stdout is one JSON object: a failed
+part is an {"error": ...} field, and the exit code is 1 when anything failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -71,7 +77,11 @@ def train_steps(folder: Path, quantization: str, device: str, dtype: torch.dtype
     t0 = time.monotonic()
     model, _ = load_student(preset, quantization=quantization, compute_dtype=dtype, device=device)
     model = add_lora(model, ft, preset, quantized=quantization == "nf4", seed=0)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.23 renamed it activation_checkpointing_enable (the old name warns); the GPU pin is older.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     load_s = time.monotonic() - t0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -98,31 +108,40 @@ def train_steps(folder: Path, quantization: str, device: str, dtype: torch.dtype
            "last_loss": losses[-1], "finite": all(x == x and abs(x) != float("inf") for x in losses)}
     if device == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    del model, opt
     return out
 
 
-def generation(folder: Path, device: str, dtype: torch.dtype, args: argparse.Namespace, vocab: int) -> dict:
-    from transformers import AutoModelForCausalLM
+def free_memory(device: str) -> None:
+    """Give the last arm's memory back before the next loads (models hold reference cycles)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    ids = torch.randint(0, vocab, (args.gen_batch, 64), generator=torch.Generator().manual_seed(1)).to(device)
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                  pad_token_id=0, temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
-        model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+
+def generation(folder: Path, device: str, args: argparse.Namespace) -> dict:
+    from pipeline.engines.llm import LLMRequest
+    from pipeline.engines.student import InProcessModel
+
+    text = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+    params = {"max_tokens": args.new_tokens, "temperature": 0.0, "top_p": 1.0, "stop": None, "seed": 0}
+    requests = [LLMRequest(f"r{i}", prompt=text * (1 + i % 3), params=params) for i in range(args.gen_batch)]
+    with InProcessModel(str(folder), batch_size=args.gen_batch, device=device) as model:
+        model.complete_many(requests[:2])  # warm-up
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.monotonic()
-        model.generate(ids, **kwargs)
+        done = model.complete_many(requests)
         if device == "cuda":
             torch.cuda.synchronize()
         took = time.monotonic() - t
-    return {"batch": args.gen_batch, "new_tokens": args.new_tokens,
-            "tokens_per_s": round(args.gen_batch * args.new_tokens / took, 1)}
+        dtype = str(model.dtype).removeprefix("torch.")
+    tokens = sum(usage["completion_tokens"] for _, usage in done)
+    return {"engine": "pipeline.engines.student.InProcessModel", "dtype": dtype, "batch": args.gen_batch,
+            "max_new_tokens": args.new_tokens, "completion_tokens": tokens, "tokens_per_s": round(tokens / took, 1)}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: the code path, not the figures")
     ap.add_argument("--steps", type=int, default=20)
@@ -133,15 +152,32 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--modes", default="nf4,bf16")
     args = ap.parse_args()
+    report: dict = {}
+    try:
+        run(args, report)
+    except BaseException as exc:  # noqa: BLE001 -- a crash still ends in one JSON line (KeyboardInterrupt too)
+        report["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    failed = "error" in report or any(isinstance(v, dict) and "error" in v for v in report.values())
+    print(json.dumps(report, sort_keys=True), flush=True)
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace, report: dict) -> None:
     if args.smoke:
         args.steps, args.warmup, args.batch, args.seq, args.gen_batch, args.new_tokens = 2, 1, 2, 32, 2, 4
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = SMOKE if args.smoke else DEEPSEEK_CODER_1_3B
-    report: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "model": "deepseek-coder-1.3b-base config, random weights" if not args.smoke else "smoke",
-                    "batch": args.batch, "seq": args.seq}
+    report.update({"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                   "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                   "model": "deepseek-coder-1.3b-base config, random weights" if not args.smoke else "smoke",
+                   "batch": args.batch, "seq": args.seq})
+    try:
+        import transformers
+
+        report["transformers"] = transformers.__version__
+    except Exception as exc:
+        report["transformers"] = f"unavailable: {exc}"
     try:
         import bitsandbytes
 
@@ -157,14 +193,18 @@ def main() -> None:
                 report[mode] = train_steps(folder, quantization, device, dtype, args, config["vocab_size"])
             except Exception as exc:
                 report[mode] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        report["generation"] = generation(folder, device, dtype, args, config["vocab_size"])
+            free_memory(device)
+        try:
+            report["generation"] = generation(folder, device, args)
+        except Exception as exc:
+            report["generation"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        free_memory(device)
     q, b = report.get("nf4", {}), report.get("bf16", {})
     if "tokens_per_s" in q and "tokens_per_s" in b:
         report["qlora_over_lora_tokens_per_s"] = round(q["tokens_per_s"] / b["tokens_per_s"], 3)
     if "peak_gpu_mb" in q and "peak_gpu_mb" in b:
         report["qlora_over_lora_peak_memory"] = round(q["peak_gpu_mb"] / b["peak_gpu_mb"], 3)
-    print(json.dumps(report, sort_keys=True))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14), for a one-GPU machine with no network: the project's tree plus the
+# The GPU check, for a one-GPU machine with no network: the project's tree plus the
 # bitsandbytes wheel it needs (about 41 MB; torch, transformers, peft and accelerate are expected
 # there), within 10 minutes. Prepare the wheel once where pip works:
 #   echo /.whl/ >> .git/info/exclude
@@ -18,6 +18,17 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 dest="${OUT:-bench/results}/gpu_check.json"
 mkdir -p "$(dirname "$dest")"
-timeout 540 python3 bench/gpu_check.py "$@" | tee /tmp/gpu_check.log
-tail -n 1 /tmp/gpu_check.log > "$dest"
+# stdout (its last line is the JSON) and stderr (progress, errors) each to the console and a file.
+timeout 540 python3 bench/gpu_check.py "$@" 2> >(tee /tmp/gpu_check.err >&2) | tee /tmp/gpu_check.log
+status=${PIPESTATUS[0]}
+wait 2>/dev/null || true  # the stderr tee (a process substitution) has written all of it
+# gpu_check.py ends with one JSON line whatever failed inside it; a timeout (124), a kill (137) or a crash
+# before it started (an import) leaves none: then the file still gets one JSON object, saying so.
+last=$(tail -n 1 /tmp/gpu_check.log)
+if python3 -c 'import json, sys; assert isinstance(json.loads(sys.argv[1]), dict)' "$last" 2>/dev/null; then
+  printf '%s\n' "$last" > "$dest"
+else
+  python3 -c 'import json, sys; print(json.dumps({"error": "gpu_check.py exited with code %s before writing its JSON line (124: timeout)" % sys.argv[1], "log_tail": open("/tmp/gpu_check.err", errors="replace").read()[-2000:]}))' "$status" > "$dest"
+fi
 echo "wrote $dest"
+exit "$status"

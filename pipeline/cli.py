@@ -24,6 +24,9 @@ STAGES = {
     "filter": "Keep exercises that parse and pass their own tests in the sandbox; textbooks whose code parses.",
     "dedupe": "Remove exact and near duplicates (MinHash LSH on code-aware shingles).",
     "decontaminate": "Remove records too close to HumanEval; write the final dataset and its card.",
+    "controls": "Write a control arm's pool (the filter's rejects, or natural code) for dedupe and decontaminate.",
+    "corpus": "Natural code filtered by an educational-value classifier: extract snippets, or (step select) "
+              "annotate a sample with the teacher, train a random forest, keep the top-scored.",
     "pretrain": "Phase 1: next-token training on the textbook sections (LoRA, full, or a model from scratch).",
     "finetune": "Phase 2: QLoRA fine-tune the student (after phase 1, if on) on the curated exercises.",
     "evaluate": "HumanEval pass@k of the base, after-pretrain and fine-tuned student (and optionally the teacher).",

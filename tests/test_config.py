@@ -90,10 +90,15 @@ def test_preset_validation(tmp_path):
 
 
 def test_every_shipped_preset_and_profile_is_valid():
-    for path in (REPO / "configs" / "models").glob("*.yaml"):
+    presets = sorted((REPO / "configs" / "models").glob("*.yaml"))
+    profiles = sorted((REPO / "configs" / "profiles").glob("*.yaml"))
+    # The globs find the shipped files (an empty list would check nothing): the default profile among them.
+    default_profile = load_config(REPO / "params.yaml").profile
+    assert len(presets) >= 10 and default_profile in {p.stem for p in profiles}
+    for path in presets:
         load_preset(path.stem, REPO / "configs")
-    for path in (REPO / "configs" / "profiles").glob("*.yaml"):
-        load_config(REPO / "params.yaml", [f"profile={path.stem}"])
+    for path in profiles:
+        assert load_config(REPO / "params.yaml", [f"profile={path.stem}"]).profile == path.stem
 
 
 def test_showcase_script_resolves_and_keeps_its_outputs_apart():

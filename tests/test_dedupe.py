@@ -21,6 +21,7 @@ from pipeline.stages.dedupe import (
     band_hashes,
     candidate_pairs,
     candidate_probability,
+    decide,
     estimate_jaccard,
     jaccard,
     lsh_candidates,
@@ -31,6 +32,7 @@ from pipeline.stages.dedupe import (
     shingle_set,
     tokenize,
 )
+from pipeline.stages.dedupe.index import split_blocks
 
 from .conftest import REPO, kill_when_saved
 
@@ -278,7 +280,7 @@ def test_outputs_are_byte_identical_across_runs_and_worker_processes(tmp_path, m
     outputs = {name: (tmp_path / "out" / name).read_bytes() for name in OUTPUTS}
     assert first["exercise"]["removed_exact"] == len(range(0, 300, 7))
     # Tiny blocks and two spawned workers: the pooled path must give the same bytes.
-    monkeypatch.setattr(dedupe, "SPANS_PER_TASK", 8)
+    monkeypatch.setattr(decide, "SPANS_PER_TASK", 8)
     second = run(tmp_path, "dedupe.workers=2", "dedupe.shard_bytes=4096")
     assert second["timing"]["resumed"]["exercise"]["blocks"] > 10
     assert not (tmp_path / "out" / ".shards").exists()  # work in progress is gone once the outputs are written
@@ -320,13 +322,13 @@ def test_a_run_killed_while_confirming_resumes_from_its_saved_steps(tmp_path, mo
     write_inputs(tmp_path / "clean", recs, [])
     clean = run(tmp_path / "clean")
     write_inputs(tmp_path, recs, [])
-    monkeypatch.setattr(dedupe, "CONFIRM_PAIRS", 7)
+    monkeypatch.setattr(decide, "CONFIRM_PAIRS", 7)
 
     def killed(*_: object) -> None:  # the process dies after the last confirmation step
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(dedupe, "_survivors", killed)
+        patch.setattr(decide, "_survivors", killed)
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path)
     steps = -(-clean["exercise"]["candidate_pairs"] // 7)
@@ -338,7 +340,7 @@ def test_a_run_killed_while_confirming_resumes_from_its_saved_steps(tmp_path, mo
     # A changed input matches none of the saved work.
     write_inputs(tmp_path, [*synthetic_exercises(300, seed=1), *recs[-12:]], [])
     with monkeypatch.context() as patch:
-        patch.setattr(dedupe, "_survivors", killed)
+        patch.setattr(decide, "_survivors", killed)
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path)
     write_inputs(tmp_path, recs, [])
@@ -429,7 +431,7 @@ def test_blocks_cover_the_file_and_end_at_line_ends(tmp_path, size):
     lines = [b"x" * int(rng.integers(0, 9000)) for _ in range(200)]
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n".join(lines))  # no newline at the end
-    blocks = list(dedupe._split_blocks(path, size))
+    blocks = list(split_blocks(path, size))
     assert [off for off, _ in blocks] == [0, *np.cumsum([n for _, n in blocks])[:-1].tolist()]
     assert sum(n for _, n in blocks) == path.stat().st_size
     data = path.read_bytes()

@@ -1,6 +1,6 @@
 """Training under `accelerate launch`: N processes (DDP, gloo on the CPU here) follow one process's loss
 curve with the same config, write one adapter once, from the main process; the multi-GPU profile and
-its FSDP-QLoRA setting reach bitsandbytes. No GPU here: FSDP itself is not run (see README)."""
+its FSDP-QLoRA setting reach bitsandbytes. No GPU here: FSDP itself is not run (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def test_two_processes_follow_one_process_and_write_one_adapter(tmp_path, monkey
 
 def test_the_multi_gpu_profile_and_the_fsdp_quant_storage(monkeypatch):
     """h100x8 loads and validates; its quant storage (and auto's, under an FSDP launch) reaches
-    BitsAndBytesConfig; the accelerate configs say what README promises."""
+    BitsAndBytesConfig; the accelerate configs say what docs/training.md promises."""
     cfg = load_config(REPO / "params.yaml", ["profile=h100x8"])
     ft = cfg.finetune
     assert (ft.quantization, ft.compute_dtype, ft.quant_storage) == ("nf4", "bfloat16", "bfloat16")

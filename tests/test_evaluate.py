@@ -27,8 +27,7 @@ from pipeline.stages.evaluate import (
     subset_label,
     truncate_at_stop,
 )
-from pipeline.stages.evaluate.harness import Convention, sanitize
-from pipeline.stages.evaluate.harness import test_support as support_for
+from pipeline.stages.evaluate.harness import Convention, check_helpers, sanitize
 from tests.fakeserver import FakeOpenAIServer
 
 from .conftest import add_preset, make_project
@@ -180,7 +179,7 @@ def test_evalplus_sanitizer_keeps_the_function_and_drops_the_model_s_own_tests()
     assert sanitize("Sorry, I cannot.\nx = (\n", "f") == "Sorry, I cannot."
     # The prompt's helpers that HumanEval's check calls come first; none for most problems.
     he = {p["task_id"]: p for p in load_problems(0)}
-    assert "def encode_shift" in support_for(he["HumanEval/50"]) and support_for(he["HumanEval/0"]) == ""
+    assert "def encode_shift" in check_helpers(he["HumanEval/50"]) and check_helpers(he["HumanEval/0"]) == ""
     program = EVALPLUS.program(he["HumanEval/2"], "    return number % 1.0\n\nprint(truncate_number(3.5))\n"
                                "assert truncate_number(1.5) == 7\n", chat=False)
     assert program.endswith("return number % 1.0") and "assert" not in program and "print" not in program
@@ -206,7 +205,7 @@ def test_harness_conventions():
     code = "from __future__ import annotations\ndef decode_shift(s: str) -> str:\n    return s\n"
     assert EVALPLUS.program(he["HumanEval/50"], code, chat=True).startswith("from __future__ import annotations\n")
     # EvalPlus-format problems get no helpers from their prompt (their test is self-contained).
-    assert support_for({**he["HumanEval/50"], "benchmark": "humaneval+"}) == ""
+    assert check_helpers({**he["HumanEval/50"], "benchmark": "humaneval+"}) == ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,8 +327,8 @@ def test_a_model_phase_one_trained_whole_is_served_in_process_with_its_adapter(t
     _tiny_hf_model(tmp_path / "tiny-hf", tmp_path / "unused-adapter")
     project = eval_project(tmp_path, "tiny-hf", problems=2, max_tokens=8)
     add_preset(project, "tiny-hf", engine="vllm", model="tiny-hf", api="completions", hf_id=str(tmp_path / "tiny-hf"))
-    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)
-    he = run(project, "pretrain.enabled=true", "pretrain.mode=scratch")["humaneval"]
+    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)  # asked for: no silent fallback
+    he = run(project, "pretrain.enabled=true", "pretrain.mode=scratch", "evaluate.engine=transformers")["humaneval"]
     per = read(project, "per_problem.json")
     assert {m: per["models"][m]["engine"] for m in per["models"]} == {
         "base": "transformers", "pretrained": "transformers", "finetuned": "transformers"}
@@ -337,7 +336,8 @@ def test_a_model_phase_one_trained_whole_is_served_in_process_with_its_adapter(t
     assert per["models"]["finetuned"]["model"].startswith(per["models"]["pretrained"]["model"] + "-lora-")
     assert he["pretrained"]["requests_sent"] == he["finetuned"]["requests_sent"] == 2
     with pytest.raises(ConfigError, match="pretrain.mode=full: phase 1's model .* does not exist"):
-        run(project, "pretrain.enabled=true", "pretrain.mode=full", "pretrain.output_dir=nowhere")
+        run(project, "pretrain.enabled=true", "pretrain.mode=full", "pretrain.output_dir=nowhere",
+            "evaluate.engine=transformers")
 
 
 def test_broken_harness_fails_before_generating(tmp_path, monkeypatch):
@@ -435,8 +435,11 @@ def test_transformers_fallback_with_peft_adapter(tmp_path, monkeypatch):
     _tiny_hf_model(tmp_path / "tiny-hf", tmp_path / "data/finetune/adapter")
     project = eval_project(tmp_path, "tiny-hf", problems=2, max_tokens=12)
     add_preset(project, "tiny-hf", engine="vllm", model="tiny-hf", api="completions", hf_id=str(tmp_path / "tiny-hf"))
-    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)  # auto: no GPU -> transformers
-    he = run(project)["humaneval"]
+    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)  # no GPU: auto is an error, naming the way out
+    with pytest.raises(ConfigError, match="student preset 'tiny-hf' is served by vLLM, which cannot start here .* "
+                                          "set evaluate.engine=transformers"):
+        run(project)
+    he = run(project, "evaluate.engine=transformers")["humaneval"]
     per = read(project, "per_problem.json")
     assert per["models"]["base"]["engine"] == per["models"]["finetuned"]["engine"] == "transformers"
     assert per["models"]["finetuned"]["identity"].startswith("transformers:") and he["finetuned"]["requests_sent"] == 2
@@ -449,7 +452,7 @@ def test_transformers_fallback_with_peft_adapter(tmp_path, monkeypatch):
             raise AssertionError("a fully cached run must not load the model")
 
     monkeypatch.setattr(evaluate, "InProcessModel", NoModel)
-    assert run(project)["humaneval"]["base"]["cache_hits"] == 2
+    assert run(project, "evaluate.engine=transformers")["humaneval"]["base"]["cache_hits"] == 2
     # Phase 1 off (the default): the default evaluate.models skips 'pretrained', its samples file stays empty.
     assert "pretrained" not in he and "phases" not in he and read(project, "samples_pretrained.jsonl") == []
 
@@ -612,3 +615,38 @@ def test_chat_prefill_needs_a_server_that_continues_and_the_evalplus_harness():
     assert build_requests(Target("teacher", plain, "vllm"), bench, cfg.evaluate, cfg.seed)  # vLLM is asked to
     with pytest.raises(ConfigError, match="evaluate.chat_prefill.*harness evalplus"):
         load_config(REPO_ROOT / "params.yaml", ["evaluate.chat_prefill=true", "evaluate.harness=bigcode"])
+
+
+def test_a_failed_request_is_never_a_wrong_answer_and_the_rerun_sends_only_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = eval_project(tmp_path, "remote-base", problems=4, models=["base"],
+                           client={"concurrency": 2, "backoff_base_s": 0.01, "max_retries": 1,
+                                   "max_failed_fraction": 1.0})  # ignored: evaluate accepts no loss
+    with FakeOpenAIServer(fail_first_bodies=1) as srv:
+        add_preset(project, "remote-base", engine="remote", model="m", api="completions", base_url=srv.base_url)
+        with pytest.raises(EvaluationError, match=r"1 request\(s\) failed at preset 'remote-base' at .* "
+                                                  r"\(server_error: 1\); 3 answered and cached; run again: only the 1"):
+            run(project)
+        assert not (tmp_path / "eval/metrics.json").exists()
+        srv.state.failing.clear()
+        srv.state.fail_first_bodies = 0
+        sent = srv.state.requests
+        he = run(project)["humaneval"]
+        assert srv.state.requests - sent == 1
+    assert he["sanity"]["failed_requests"] == 0 and len(read(project, "samples_base.jsonl")) == 4
+
+
+def test_a_rejected_key_stops_evaluate_with_one_line(tmp_path, monkeypatch, caplog):
+    from pipeline.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_EVAL_KEY", "sk-eval-0123456789abcdef")
+    project = eval_project(tmp_path, "remote-base", problems=2, models=["base"])
+    with FakeOpenAIServer(api_key="sk-something-else-000000") as srv:
+        add_preset(project, "remote-base", engine="remote", model="m", api="completions", base_url=srv.base_url,
+                   api_key_env="FAKE_EVAL_KEY")
+        assert cli_main(["evaluate", "-q", "--config", str(project / "params.yaml")]) == 1
+        assert srv.state.requests <= 2
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert line.startswith(f"evaluate failed: preset 'remote-base' at {srv.base_url} answered HTTP 401")
+    assert "FAKE_EVAL_KEY" in line and "sk-eval-0123456789abcdef" not in caplog.text

@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.cli import main as cli_main
 from pipeline.core.config import ConfigError, load_config
+from pipeline.engines.llm import RequestsFailed
 from pipeline.stages.generate import (
     ParseError,
     load_prompt_space,
@@ -271,11 +272,143 @@ def test_an_exercise_cut_in_a_loop_of_asserts_is_salvaged_and_one_cut_in_its_fun
     assert all(r["detail"].startswith("truncated:") for r in exercises_cut)
 
 
-def test_unreachable_endpoint_records_failed_requests(project):
-    use_server(project, "http://127.0.0.1:9/v1")
-    stats = run(project, "generate.client.max_retries=1")
-    assert stats["rejected_by_reason"] == {"request_failed:connection": 15}
-    assert stats["kept"] == {"exercise": 0, "textbook": 0}
+def _error_lines(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("textbook ")]
+
+
+def test_an_unreachable_endpoint_fails_the_stage_with_one_line_and_writes_nothing(project, capsys):
+    use_server(project, "http://127.0.0.1:9/v1")  # a closed port
+    assert cli_main(["generate", "-q"]) == 1
+    (line,) = _error_lines(capsys)
+    assert line.startswith("textbook generate: error: 15 request(s) failed at preset 'fake' at http://127.0.0.1:9/v1 (")
+    assert line.endswith("0 answered and cached; run again: only the 15 failed requests are sent")
+    # One request used up its retries (6 by default) and the endpoint was given up: the ones still waiting
+    # to be retried stop (at most one per slot), the rest are never sent.
+    kinds = dict(kv.split(": ") for kv in line.split("(", 2)[2].split(")")[0].split(", "))
+    assert set(kinds) == {"connection", "not_sent"} and int(kinds["connection"]) <= 4
+    assert int(kinds["connection"]) + int(kinds["not_sent"]) == 15
+    assert not (project / "data/generate/exercises.jsonl").exists()  # no partial dataset for the next stage
+    assert not (project / "data/generate/rejected.jsonl").exists()  # a failed request is not a rejection
+
+
+def _twenty(project: Path, url: str) -> None:
+    params = fake_params(n_exercises=16, n_textbooks=4)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    use_server(project, url)
+
+
+def test_two_of_twenty_fail_the_stage_and_the_rerun_sends_exactly_those_two(project, capsys):
+    with FakeOpenAIServer() as clean:  # the reference: the same requests, nothing failing
+        _twenty(project, clean.base_url)
+        run(project, "generate.output_dir=data/clean", "generate.cache_path=data/clean.sqlite")
+    with FakeOpenAIServer(port=clean.port, fail_first_bodies=2) as srv:
+        assert cli_main(["generate", "-q"]) == 1
+        (line,) = _error_lines(capsys)
+        assert line == (f"textbook generate: error: 2 request(s) failed at preset 'fake' at {srv.base_url} "
+                        "(server_error: 2); 18 answered and cached; run again: only the 2 failed requests are sent")
+        assert not (project / "data/generate/exercises.jsonl").exists()
+        failing, answered = set(srv.state.failing), set(srv.state.successes_canonical)
+        assert len(failing) == 2 and len(answered) == 18
+        srv.state.failing.clear()  # the endpoint recovers
+        srv.state.fail_first_bodies = 0
+        sent = srv.state.requests
+        assert cli_main(["generate", "-q"]) == 0
+        assert srv.state.requests - sent == 2 and srv.state.successes_canonical - answered == failing
+    ledger = json.loads((project / "data/generate/stats.json").read_text())["ledger_this_run"]
+    assert ledger["requests_sent"] == 2 and ledger["cache_hits"] == 18 and ledger["failed"] == 0
+    assert outputs(project) == outputs(project, "data/clean")
+
+
+def test_max_failed_fraction_accepts_a_partial_run_and_the_stats_say_what_was_lost(project, capsys):
+    from pipeline.core.stats import funnel_row
+
+    with FakeOpenAIServer(fail_first_bodies=2) as srv:
+        _twenty(project, srv.base_url)
+        with pytest.raises(RequestsFailed):  # 2 of 20 is more than 5%
+            run(project, "generate.client.max_failed_fraction=0.05")
+        stats = run(project, "generate.client.max_failed_fraction=0.1")
+    assert stats["lost"] == 2 and stats["failed_requests"] == 2 and stats["failed_by_error"] == {"server_error": 2}
+    assert stats["kept"]["exercise"] + stats["kept"]["textbook"] == 18 and stats["rejected"] == 0
+    assert json.loads((project / "data/generate/stats.json").read_text())["lost"] == 2
+    # The dataset card's funnel (decontaminate) lists them.
+    assert funnel_row("generate", stats)["reasons"] == {
+        "lost (request failed, accepted by client.max_failed_fraction)": 2}
+
+
+@pytest.mark.parametrize("fault, said", [("key", "Incorrect API key provided"), (404, "does not exist")])
+def test_a_wrong_key_or_model_stops_at_once_naming_preset_url_and_what_the_server_said(project, capsys,
+                                                                                     monkeypatch, fault, said):
+    secret = "sk-live-0123456789abcdefghij"
+    monkeypatch.setenv("FAKE_SECRET_KEY", secret)
+    state = {"api_key": "sk-another-key-000000000"} if fault == "key" else {"status": fault}
+    with FakeOpenAIServer(**state) as srv:
+        use_server(project, srv.base_url, api_key_env="FAKE_SECRET_KEY")
+        assert cli_main(["generate", "-q"]) == 1
+        assert srv.state.requests <= 4  # no retries; nothing sent after the first answer but what was in flight
+    out = capsys.readouterr()
+    (line,) = [ln for ln in out.err.splitlines() if ln.startswith("textbook ")]
+    status = 401 if fault == "key" else 404
+    assert f"preset 'fake' at {srv.base_url} answered HTTP {status}" in line and said in line
+    assert secret not in out.err + out.out and secret[-8:] not in line
+    for path in Path("data").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_batch_run_writes_the_online_run_s_dataset_at_half_the_price(project, fake_server):
+    use_server(project, fake_server.base_url, batch_api=True, price={"prompt_per_mtok": 1.0, "completion_per_mtok": 2.0})
+    online = run(project, "generate.output_dir=data/online", "generate.cache_path=data/online.sqlite")
+    assert fake_server.state.batches_created == 0
+    batch = run(project, "generate.client.batch=true", "generate.client.batch_poll_s=0.01")
+    assert fake_server.state.batches_created == 1 and fake_server.state.batch_items == 15
+    assert outputs(project) == outputs(project, "data/online")
+    assert batch["cost_usd"] == pytest.approx(online["cost_usd"] / 2, abs=1e-6)  # rounded to 6 places
+    assert batch["ledger_this_run"]["batches_submitted"] == 1
+    # An online run from the batch run's cache sends nothing and writes the same dataset.
+    sent = fake_server.state.requests
+    again = run(project, "generate.output_dir=data/again")
+    assert again["ledger_this_run"] == {} and fake_server.state.requests == sent
+    assert outputs(project, "data/again") == outputs(project)
+
+
+def test_batch_run_with_repair_rounds_sends_one_batch_per_wave(project, fake_server):
+    fake_server.state.wrong_asserts = 1
+    use_server(project, fake_server.base_url, batch_api=True)
+    common = ("generate.repair_rounds=1", "generate.n_textbooks=0")
+    online = run(project, *common, "generate.output_dir=data/online", "generate.cache_path=data/online.sqlite")
+    assert online["repair"]["exercises_repaired"] > 0
+    batch = run(project, *common, "generate.client.batch=true", "generate.client.batch_poll_s=0.01")
+    assert fake_server.state.batches_created == 2  # the first answers, then the repairs
+    assert fake_server.state.batch_items == 12 + online["repair"]["requests"]
+    assert batch["repair"] == online["repair"] and outputs(project) == outputs(project, "data/online")
+
+
+def test_a_batch_run_killed_after_submission_resumes_without_submitting_again(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    params = fake_params(n_exercises=12, n_textbooks=3)
+    with FakeOpenAIServer() as srv:
+        online = make_project(tmp_path / "online", params)
+        use_server(online, srv.base_url, batch_api=True)
+        subprocess.run(_stage_cmd(online), cwd=online, env=env, check=True)
+        srv.state.batch_polls_to_finish = 0  # submitted batches stay in progress: the run waits, polling
+        project = make_project(tmp_path / "p", params)
+        use_server(project, srv.base_url, batch_api=True)
+        cmd = [*_stage_cmd(project), "--set", "generate.client.batch=true", "--set", "generate.client.batch_poll_s=0.05"]
+        proc = subprocess.Popen(cmd, cwd=project, env=env)
+        deadline = time.monotonic() + 60
+        while not srv.state.batch_polls and time.monotonic() < deadline:  # polled: its id is saved
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert srv.state.batches_created == srv.state.uploads == 1
+        assert not (project / "data/generate/exercises.jsonl").exists()
+        srv.state.batch_polls_to_finish = 1  # the batch ends
+        resumed = subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True, text=True)
+        assert srv.state.batches_created == srv.state.uploads == 1 and srv.state.batch_items == 15  # not paid twice
+        assert "resuming 1 batch(es)" in resumed.stderr
+    stats = json.loads((project / "data/generate/stats.json").read_text())
+    assert stats["ledger_this_run"]["batches_resumed"] == 1 and stats["ledger_this_run"]["batches_submitted"] == 0
+    assert outputs(project) == outputs(online)
 
 
 def test_missing_api_key_is_a_clear_error_before_any_work(project, fake_server, monkeypatch, capsys):

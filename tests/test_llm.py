@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.metadata
+import json
 import time
 
 import pytest
@@ -20,10 +21,13 @@ from pipeline.core.config import (
 )
 from pipeline.engines.llm import (
     BudgetExhausted,
+    EndpointRejected,
     Endpoints,
     LLMClient,
     LLMRequest,
+    LLMSession,
     RequestCache,
+    RequestsFailed,
     TokenBucket,
     length_retry,
     lookup,
@@ -68,10 +72,61 @@ def test_retries_are_bounded_then_recorded_as_failed():
     with FakeOpenAIServer(faults=("unavailable",), faults_per_request=99) as srv:
         srv._fault_for = lambda digest, attempt: "unavailable"  # every attempt fails
         client = LLMClient(preset(srv.base_url), [srv.base_url], cfg)
-        got = asyncio.run(run_all(client, reqs(3)))
-        assert srv.state.requests == 3 * 3  # 1 try + 2 retries each, then stop
-    assert [r.error for r in got] == ["server_error"] * 3
-    assert client.ledger.errors == {"server_error": 3}
+        got = asyncio.run(run_all(client, reqs(1)))
+        assert srv.state.requests == 3  # 1 try + 2 retries, then stop
+    assert [r.error for r in got] == ["server_error"]
+    assert client.ledger.errors == {"server_error": 1}
+
+
+def test_a_dead_endpoint_is_given_up_after_one_request_s_retries():
+    # Every attempt fails. Once one request has used up its retries with nothing answered since it was
+    # first sent, the endpoint is down: the requests waiting to be retried stop, the others are not sent.
+    cfg = ClientConfig(concurrency=4, backoff_base_s=0.01, backoff_max_s=0.05, max_retries=3)
+    with FakeOpenAIServer() as srv:
+        srv._fault_for = lambda digest, attempt: "unavailable"
+        client = LLMClient(preset(srv.base_url), [srv.base_url], cfg)
+        got = asyncio.run(run_all(client, reqs(40)))
+        sent = srv.state.requests
+    errors = client.ledger.errors
+    assert errors["server_error"] <= cfg.concurrency and errors["not_sent"] >= 40 - cfg.concurrency
+    assert sum(errors.values()) == 40 and all(not r.ok for r in got)
+    assert sent == client.ledger.requests_sent <= cfg.concurrency * (1 + cfg.max_retries)  # not 40 x 4
+
+
+def test_requests_that_keep_failing_do_not_stop_the_others():
+    # Two request bodies fail on every attempt while the rest are answered: no outage, each fails alone.
+    cfg = ClientConfig(concurrency=4, backoff_base_s=0.01, backoff_max_s=0.05, max_retries=2)
+    with FakeOpenAIServer(fail_first_bodies=2) as srv:
+        client = LLMClient(preset(srv.base_url), [srv.base_url], cfg)
+        got = asyncio.run(run_all(client, reqs(20)))
+        assert len(srv.state.failing) == 2
+    assert sorted(r.error or "ok" for r in got) == ["ok"] * 18 + ["server_error"] * 2
+    assert client.ledger.errors == {"server_error": 2}
+
+
+@pytest.mark.parametrize("fault, said", [
+    ("key", "Incorrect API key provided"),
+    (404, "does not exist"),
+    (400, "maximum context length"),
+])
+def test_an_answer_no_retry_can_fix_stops_the_run_at_once(tmp_path, monkeypatch, fault, said):
+    secret = "sk-test-0123456789abcdefSECRET"
+    monkeypatch.setenv("FAKE_TEST_KEY", secret)
+    cfg = ClientConfig(concurrency=2, backoff_base_s=0.01, max_retries=5)
+    state = {"api_key": "sk-the-right-one-0000000000"} if fault == "key" else {
+        "status": fault, "status_message": f"The server says: {said} ({secret} echoed)"}
+    with FakeOpenAIServer(**state) as srv:
+        p = preset(srv.base_url, api_key_env="FAKE_TEST_KEY")
+        cache = RequestCache(tmp_path / "c.sqlite")
+        with LLMSession(p, cfg, cache, urls=[srv.base_url]) as session, pytest.raises(EndpointRejected) as err:
+            session.complete(reqs(20))
+        assert srv.state.requests <= cfg.concurrency  # no retry, and nothing sent after the first answer
+    message = str(err.value)
+    status = 401 if fault == "key" else fault
+    assert f"preset 'fake' at {srv.base_url} answered HTTP {status}" in message and said in message
+    assert "stopped without retrying" in message and secret not in message and "\n" not in message
+    if fault == "key":
+        assert "FAKE_TEST_KEY" in message  # where the key comes from, never the key
 
 
 def test_unreachable_endpoint_fails_with_connection_error():
@@ -131,9 +186,7 @@ def test_a_dead_replica_is_left_out_and_its_requests_go_at_once_to_a_live_one():
     with FakeOpenAIServer() as live:
         p = ModelPreset(name="fleet", engine="remote", model="m", base_urls=[dead, live.base_url], hf_id="org/m")
         client = LLMClient(p, p.base_urls, cfg)
-        t0 = time.monotonic()
         got = asyncio.run(run_all(client, reqs(20)))
-        elapsed = time.monotonic() - t0
         assert live.state.requests == 20
         with FakeOpenAIServer() as alone:  # the same requests to one clean endpoint
             expected = asyncio.run(run_all(LLMClient(preset(alone.base_url), [alone.base_url], cfg), reqs(20)))
@@ -144,7 +197,7 @@ def test_a_dead_replica_is_left_out_and_its_requests_go_at_once_to_a_live_one():
     assert led.by_endpoint[0]["failed"] == led.by_endpoint[0]["sent"] == led.failovers == led.retries
     assert led.by_endpoint[1] == {"sent": 20, "failed": 0} and led.failed == 0
     assert led.requests_sent == 20 + led.retries  # nothing that succeeded was sent again
-    assert elapsed < 10
+    assert led.backoff_s == 0  # every retry went at once to the live replica: none waited out the 30 s backoff
 
 
 def test_an_endpoint_is_tried_again_after_its_cooldown_and_the_soonest_back_when_all_are_down():
@@ -385,3 +438,148 @@ def test_the_budget_holds_with_many_requests_in_flight():
     assert client.ledger.requests_sent == len(done)
     assert client.ledger.cost_usd_this_run <= budget
     assert budget - client.ledger.cost_usd_this_run < 2048e-4 + 0.01  # it stopped when a worst case no longer fit
+
+
+# ---------------------------------------------------------------------------------------
+# The OpenAI Batch API, against the fake batch service
+# ---------------------------------------------------------------------------------------
+
+BATCH = ClientConfig(batch=True, batch_poll_s=0.01, max_retries=1, concurrency=4)
+
+
+def batch_preset(url: str, **kw) -> ModelPreset:
+    return preset(url, batch_api=True, price=Price(prompt_per_mtok=1e6, completion_per_mtok=2e6), **kw)
+
+
+def complete(p: ModelPreset, cfg: ClientConfig, cache: RequestCache, requests: list[LLMRequest]):
+    with LLMSession(p, cfg, cache, urls=[p.base_url]) as session:
+        return session, session.complete(requests)
+
+
+def test_batch_answers_are_the_online_answers_at_half_the_price_under_the_same_cache_keys(tmp_path):
+    with FakeOpenAIServer() as srv:
+        p = batch_preset(srv.base_url)
+        online, got_online = complete(p, dataclasses.replace(BATCH, batch=False), RequestCache(tmp_path / "o"),
+                                      reqs(10))
+        cache = RequestCache(tmp_path / "b")
+        batch, got_batch = complete(p, BATCH, cache, reqs(10))
+        st = srv.state
+        assert st.uploads == st.batches_created == 1 and st.batch_items == 10
+        lines = [json.loads(x) for x in st.files["file-0001"].decode().splitlines()]
+    assert [got_batch.results[r.id].choices for r in reqs(10)] == [got_online.results[r.id].choices for r in reqs(10)]
+    # custom_id = the request's cache key, and the answer is cached under it
+    assert sorted(x["custom_id"] for x in lines) == sorted(r.key for r in got_online.results.values())
+    assert all(cache.get(x["custom_id"]) is not None for x in lines)
+    assert {x["url"] for x in lines} == {"/v1/chat/completions"} and lines[0]["body"]["model"] == "m"
+    assert batch.ledger.cost_usd_this_run == pytest.approx(online.ledger.cost_usd_this_run / 2)  # the batch price
+    assert batch.ledger.batches_submitted == 1 and batch.ledger.requests_sent == 10
+    # An online session from the batch's cache sends nothing.
+    again, got_again = complete(p, dataclasses.replace(BATCH, batch=False), cache, reqs(10))
+    assert not again.sent and {k: v.choices for k, v in got_again.results.items()} == {
+        k: v.choices for k, v in got_batch.results.items()}
+
+
+def test_batch_files_hold_at_most_batch_max_requests(tmp_path):
+    with FakeOpenAIServer() as srv:
+        _, got = complete(batch_preset(srv.base_url), dataclasses.replace(BATCH, batch_max_requests=4),
+                          RequestCache(tmp_path / "c"), reqs(10))
+        assert srv.state.batches_created == 3 and srv.state.batch_items == 10
+    assert len(got.results) == 10
+
+
+def test_an_expired_batch_and_failed_items_are_submitted_once_more(tmp_path):
+    with FakeOpenAIServer(batch_expire=1, batch_item_failures=1) as srv:
+        session, got = complete(batch_preset(srv.base_url), BATCH, RequestCache(tmp_path / "c"), reqs(12))
+        st = srv.state
+        assert st.batches_created == 2 and st.batch_items == 24  # every item failed or expired once
+        first = st.batches["batch_0001"]
+        errors = [json.loads(x) for x in st.files[first["error_file_id"]].decode().splitlines()]
+        kinds = {(x["error"] or {}).get("code") or x["response"]["status_code"] for x in errors}
+        assert first["status"] == "expired" and kinds == {"batch_expired", 500} and len(errors) == 12
+    assert len(got.results) == 12 and not got.failed and not session.failed
+
+
+def test_batch_items_that_fail_twice_are_handed_back_and_a_rerun_sends_only_them(tmp_path):
+    cache = RequestCache(tmp_path / "c")
+    with FakeOpenAIServer(batch_item_failures=2) as srv:
+        p = batch_preset(srv.base_url)
+        session, got = complete(p, BATCH, cache, reqs(6))
+        assert {r.error for r in got.failed.values()} == {"server_error"} and len(got.failed) == 6
+        with pytest.raises(RequestsFailed, match=r"6 request\(s\) failed at preset 'fake' \(Batch API at .*\) "
+                                                 r"\(server_error: 6\); 0 answered and cached; run again: only the 6"):
+            session.raise_if_failed(lost=6, total=6)
+        srv.state.batch_item_failures = 0
+        _, got = complete(p, BATCH, cache, reqs(8))  # two more: only the 6 failed + 2 new are submitted
+        assert srv.state.batch_items == 12 + 8 and len(got.results) == 8
+
+
+@pytest.mark.parametrize("fault", ["item_400", "refused"])
+def test_a_batch_answer_no_retry_can_fix_stops_the_run(tmp_path, fault):
+    state = {"batch_status": 400, "status_message": "Invalid value for 'max_tokens'"} if fault == "item_400" else {
+        "batch_refuse": True}
+    with FakeOpenAIServer(**state) as srv:
+        with pytest.raises(EndpointRejected) as err:
+            complete(batch_preset(srv.base_url), BATCH, RequestCache(tmp_path / "c"), reqs(3))
+        assert srv.state.batches_created == 1  # not submitted again
+    message = str(err.value)
+    assert f"preset 'fake' at {srv.base_url}" in message and "stopped without retrying" in message
+    assert ("Invalid value for 'max_tokens'" if fault == "item_400" else "does not exist") in message
+
+
+def test_a_cut_sampled_batch_answer_is_asked_again_with_another_seed_in_the_next_batch(tmp_path):
+    cfg = dataclasses.replace(BATCH, length_retries=1)
+    cache = RequestCache(tmp_path / "c")
+    with FakeOpenAIServer(batch_cut_first=2) as srv:
+        session, got = complete(batch_preset(srv.base_url), cfg, cache, reqs(4))
+        st = srv.state
+        assert st.batches_created == 2 and st.batch_items == 4 + 2
+        second = [json.loads(x) for x in st.files[st.batches["batch_0002"]["input_file_id"]].decode().splitlines()]
+    originals = {r.key for r in got.results.values()}
+    assert {x["custom_id"] for x in second}.isdisjoint(originals)  # the reseeded requests: other keys, other seeds
+    assert all(r.choices[0]["finish_reason"] == "stop" for r in got.results.values())  # cached under the originals
+    led = session.ledger
+    assert led.length_retries == 2 and led.prompt_tokens > sum(r.usage["prompt_tokens"] for r in got.results.values())
+
+
+def test_the_budget_counts_a_batch_at_its_worst_case_before_submitting_it(tmp_path):
+    # Worst case of one request at the batch price: (prompt ~8 tokens x $0.5 + 64 max_tokens x $1) x 2 paid
+    # attempts (temperature 0.5, one length retry) ~ $136; a $500 budget fits 3 of them, whatever they then cost.
+    cfg = dataclasses.replace(BATCH, budget_usd=500.0)
+    with FakeOpenAIServer() as srv:
+        session, got = complete(batch_preset(srv.base_url), cfg, RequestCache(tmp_path / "c"), reqs(10))
+        assert srv.state.batch_items == 3
+    assert len(got.results) == 3 and got.budget_hit and got.not_attempted == [f"r{i}" for i in range(3, 10)]
+    assert session.ledger.cost_usd_this_run <= 500.0
+
+
+def test_a_kill_after_the_batch_is_created_but_before_its_id_is_saved_finds_the_batch_again(tmp_path, monkeypatch):
+    from pipeline.engines import batch as batch_mod
+
+    real = batch_mod.SubmissionStore.update
+
+    def killed_before_saving_the_batch_id(self, sub, closed=False):
+        if sub.batch_id is not None and not sub.status.startswith("in_"):
+            raise KeyboardInterrupt  # the process dies between batches.create and the save
+        return real(self, sub, closed)
+
+    cache = RequestCache(tmp_path / "c")
+    with FakeOpenAIServer(batch_item_failures=1) as srv:  # and every item of that batch fails once
+        p = batch_preset(srv.base_url)
+        monkeypatch.setattr(batch_mod.SubmissionStore, "update", killed_before_saving_the_batch_id)
+        with pytest.raises(KeyboardInterrupt):
+            complete(p, BATCH, cache, reqs(5))
+        monkeypatch.setattr(batch_mod.SubmissionStore, "update", real)
+        assert srv.state.batches_created == 1 and len(cache) == 0
+        session, got = complete(p, BATCH, cache, reqs(5))
+        # Found by its metadata, not created again; its failed items went once more in a second batch.
+        assert srv.state.batches_created == 2 and srv.state.batch_items == 10 and srv.state.uploads == 2
+        assert [b["metadata"]["textbook_submission"] for b in srv.state.batches.values()][0] in {
+            row[0] for row in cache.db.execute("SELECT id FROM batch_submissions")}
+    assert len(got.results) == 5 and session.ledger.batches_resumed == 1 and session.ledger.batches_submitted == 1
+
+
+def test_batch_needs_a_preset_that_offers_it(tmp_path):
+    with pytest.raises(ConfigError, match="client.batch: preset 'fake' does not offer the Batch API"):
+        LLMSession(preset("http://127.0.0.1:9/v1"), BATCH, RequestCache(tmp_path / "c"))
+    shipped = load_preset("gpt-4o-mini", REPO_ROOT / "configs")
+    assert shipped.batch_api and shipped.price.cost(1_000_000, 1_000_000, batch=True) == pytest.approx(0.375)

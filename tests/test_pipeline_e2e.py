@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -91,18 +90,17 @@ def test_dvc_repro_end_to_end_on_the_ci_profile(tmp_path):
     ft = json.loads((project / "data/finetune/metrics.json").read_text())
     assert ft["steps"] == 3 and (project / "data/finetune/adapter.gguf").stat().st_size > 0
 
-    # dvc sees the declared metrics, and a second repro re-runs nothing, fast.
+    # dvc sees the declared metrics, and a second repro re-runs nothing: every stage is up to date.
     shown = dvc(project, "metrics", "show", "--json")
     assert shown.returncode == 0 and "humaneval" in shown.stdout
     plots = dvc(project, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr
     for declared in ("loss.tsv", "pass_at_1.csv", "funnel.csv"):
         assert declared in plots.stdout, declared
-    t0 = time.monotonic()
     again = dvc(project, "repro")
-    elapsed = time.monotonic() - t0
     assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
-    assert elapsed < 10, elapsed
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in again.stdout, stage
 
     # The run is committed as a user would: the small metrics are in git, caches and checkpoints not.
     git(project, "add", "-A")

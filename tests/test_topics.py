@@ -13,6 +13,7 @@ import tests.fakeserver
 from pipeline.cli import main as cli_main
 from pipeline.core.config import ConfigError, load_config, load_preset
 from pipeline.core.records import dumps, sha256_text
+from pipeline.engines.llm import RequestsFailed
 from pipeline.stages.generate import load_prompt_space
 from pipeline.stages.topics import normalise, parse_items, run_topics
 
@@ -117,17 +118,46 @@ def test_output_loads_with_the_generate_loader(fake_project, teacher):
     assert space.topics == read(fake_project, "prompts/expanded/topics.yaml")["topics"] and len(space.pairs) == 15
 
 
-def test_failed_requests_are_counted_not_fatal(project, capsys):
-    add_preset(project, "fake", engine="remote", model="m", base_url="http://127.0.0.1:9/v1")
+def test_failed_requests_stop_the_step_with_one_line_unless_accepted(project, capsys):
+    add_preset(project, "fake", engine="remote", model="m", base_url="http://127.0.0.1:9/v1")  # a closed port
     (project / "seed.yaml").write_text(SEED)
-    assert cli_main(["topics", "-q", "--set", "topics.teacher=fake", "--set", "topics.seed_file=seed.yaml",
-                     "--set", "topics.client.max_retries=0"]) == 0
+    args = ["topics", "-q", "--set", "topics.teacher=fake", "--set", "topics.seed_file=seed.yaml",
+            "--set", "topics.client.max_retries=0"]
+    shipped = (project / "prompts/expanded/topics.yaml").read_bytes()
+    assert cli_main(args) == 1
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("textbook ")]
+    assert line == ("textbook topics: error: 4 request(s) failed at preset 'fake' at http://127.0.0.1:9/v1 "
+                    "(connection: 4); 0 answered and cached; run again: only the 4 failed requests are sent")
+    assert (project / "prompts/expanded/topics.yaml").read_bytes() == shipped  # nothing written
+    # Accepted explicitly: the tree is written, and its stats list what failed.
+    assert cli_main([*args, "--set", "topics.client.max_failed_fraction=1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["failed_requests"] == 4 and summary["added"] == 0
     doc = read(project, "prompts/expanded/topics.yaml")
     assert doc["topics"] == yaml.safe_load(SEED)["topics"]
     assert sorted(f["subtopic"] for f in doc["stats"]["failed"]) == sorted(SUBTOPICS)
     assert {f["error"] for f in doc["stats"]["failed"]} == {"connection"}
+    assert doc["stats"]["failed_by_error"] == {"connection": 4}
+
+
+def test_a_rerun_after_failures_sends_only_the_failed_requests(fake_project, teacher):
+    teacher.state.fail_first_bodies = 1
+    with pytest.raises(RequestsFailed, match=r"1 request\(s\) failed .*\(server_error: 1\); 3 answered and cached"):
+        run(fake_project, "topics.client.max_retries=1")
+    teacher.state.failing.clear()
+    teacher.state.fail_first_bodies = 0
+    sent = teacher.state.requests
+    stats = run(fake_project)
+    assert teacher.state.requests - sent == 1 and stats["failed_requests"] == 0
+
+
+def test_topics_through_the_batch_api_grow_the_same_tree(fake_project, teacher):
+    add_preset(fake_project, "fake", engine="remote", model="fake-model", api="chat", base_url=teacher.base_url,
+               batch_api=True)
+    run(fake_project, "topics.output=online/topics.yaml", "topics.cache_path=data/online.sqlite")
+    run(fake_project, "topics.client.batch=true", "topics.client.batch_poll_s=0.01")
+    assert teacher.state.batches_created == 1 and teacher.state.batch_items == 4
+    assert read(fake_project)["topics"] == read(fake_project, "online/topics.yaml")["topics"]
 
 
 def test_missing_seed_file_through_the_cli(fake_project, capsys):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pass@1 against the number of curated training exercises (issue 12), on the showcase's data and
+# pass@1 against the number of curated training exercises, on the showcase's data and
 # evaluation: phase 2 again on nested seeded samples of its exercises (finetune.max_records), each
 # scored on all 164 problems like the showcase's own fine-tuned model. Run after tools/showcase.sh.
 #   tools/curve.sh            # samples of 12 and 24 exercises (about 10 minutes each on 2 cores)

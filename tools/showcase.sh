@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The cpu-showcase run (issue 12): every stage of the pipeline with `profile=cpu-showcase`, its
+# The cpu-showcase run: every stage of the pipeline with `profile=cpu-showcase`, its
 # outputs under data/showcase/ and its report under eval/showcase/ (committed), beside the default
 # run's. Each stage resumes where a killed run stopped (request caches, filter shards, training
 # checkpoints), so running it again after a kill picks up the work.

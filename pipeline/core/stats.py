@@ -115,6 +115,8 @@ def funnel_row(stage: str, stats: Mapping | None) -> dict:
                 reasons[key.removeprefix("removed_")] = reasons.get(key.removeprefix("removed_"), 0) + total(n)
     if stage == "generate" and stats.get("not_attempted"):
         reasons["not_attempted (budget)"] = int(stats["not_attempted"])
+    if stage == "generate" and stats.get("lost"):  # transport failures accepted by client.max_failed_fraction
+        reasons["lost (request failed, accepted by client.max_failed_fraction)"] = int(stats["lost"])
     by_kind = stats.get("kept") if isinstance(stats.get("kept"), Mapping) else (
         {k: sec.get("kept") for k, sec in sections.items()} or None)
     return {"stage": stage, "status": "ran", "in": n_in, "kept": kept, "removed": removed,

@@ -16,6 +16,17 @@ a long synthetic-data run needs:
 - several endpoints serving one model (replicas): each request goes to the live one with the
   fewest in flight; one that fails is left out for a cooldown and the request goes at once to
   another (`Endpoints`), so a server that dies mid-run loses nothing and slows nothing for long.
+- a failure policy (`LLMSession`, the one entry every stage calls): a request that fails for a
+  transport reason after its retries (TRANSPORT) is never a final answer: the stage finishes the
+  others, caches every answer, and stops with one line naming the endpoint, the error kinds and
+  "run again: only the N failed requests are sent" (`RequestsFailed`), unless
+  client.max_failed_fraction accepts the loss. Once a request has used up its retries with no
+  request answered since it was first sent, the endpoint is down: the requests not yet sent are
+  not sent (`not_sent`), so a run against a dead endpoint stops in one request's retry span. An
+  answer no retry can fix (401/403 key, 404 model or URL, 400 request shape) stops the run at once,
+  naming the preset, the URL and what the server said, never the key (`EndpointRejected`).
+- the OpenAI Batch API (`client.batch`, pipeline/engines/batch.py): the same requests, cache and
+  ledger, at the batch price.
 
 The cache key is the model's identity (weights, engine and its version, every server setting
 that can change a completion: `ModelPreset.identity`), the api, the exact messages or prompt
@@ -32,14 +43,18 @@ which tenacity's callbacks would split across four hooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
+import re
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +64,7 @@ import httpx
 import openai
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
+from tqdm import tqdm
 
 from pipeline.core.config import ClientConfig, ConfigError, ModelPreset
 from pipeline.core.records import dumps, sha256_text
@@ -59,10 +75,69 @@ log = logging.getLogger(__name__)
 RETRYABLE = {"rate_limit", "server_error", "timeout", "connection", "malformed_response"}
 # Errors that say the endpoint (not the request, not the account's rate) is in trouble: fail over.
 ENDPOINT_ERRORS = {"server_error", "timeout", "connection"}
+# Failures a re-run can cure: the request was fine, the endpoint or the network was not. Never a final
+# answer (a rejected record, a wrong answer): the stage stops unless client.max_failed_fraction allows them.
+# "not_sent": left unsent once the endpoint was found down; "batch_*": a Batch API item that expired,
+# was cancelled or never came back.
+TRANSPORT = RETRYABLE | {"not_sent", "batch_expired", "batch_cancelled", "batch_failed", "batch_missing"}
 
 
 class BudgetExhausted(RuntimeError):
     """The budget cap is reached: no new request is sent."""
+
+
+class LLMError(RuntimeError):
+    """A stage's requests cannot all be answered; the message is the one line the user sees."""
+
+
+class EndpointRejected(LLMError):
+    """An answer no retry can fix (401/403 key, 404 model or URL, 400/422 request shape): the run stops at once."""
+
+
+class RequestsFailed(LLMError):
+    """Requests failed for a transport reason after their retries, more than client.max_failed_fraction allows."""
+
+
+_KEY_LIKE = re.compile(r"\b((?:sk|Bearer)[-_ ]?[A-Za-z0-9]{0,4})[A-Za-z0-9_\-*]{8,}")
+
+
+def scrub(text: str, key: str | None = None) -> str:
+    """`text` with the API key, and anything shaped like a key, masked: what a server says may quote it."""
+    if key and len(key) >= 4 and key != "not-needed":
+        text = text.replace(key, "***")
+    return _KEY_LIKE.sub(r"\1***", text)
+
+
+def is_fatal(err: str) -> bool:
+    """An HTTP answer no retry can fix: any 4xx but 408 (timeout) and 429 (rate), which are retried."""
+    return err.startswith("http_") and err[5:].isdigit() and 400 <= int(err[5:]) < 500
+
+
+def rejection(preset: ModelPreset, url: str, status: int | str, said: str, what: str = "") -> EndpointRejected:
+    """The one line for an answer no retry can fix: preset, URL, status, what the server said, what to check."""
+    hints = {401: f"check the API key in ${preset.api_key_env}" if preset.api_key_env else "the endpoint wants a key",
+             403: f"the key in ${preset.api_key_env} may not use this model or endpoint" if preset.api_key_env
+             else "the endpoint refused access",
+             404: f"check the model '{preset.model}' and the base URL",
+             400: "the endpoint refused the request's shape", 422: "the endpoint refused the request's shape"}
+    code = int(status) if str(status).isdigit() else 0
+    hint = hints.get(code, "no retry can fix it")
+    said = scrub(" ".join(str(said).split()), resolve_api_key(preset, missing_ok=True))[:300]
+    verb = f"answered HTTP {status}" if code else str(status)
+    return EndpointRejected(f"preset '{preset.name}' at {url} {verb}{what}: {said or '(no message)'}; "
+                            f"{hint}; stopped without retrying")
+
+
+def _server_said(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        if inner.get("message"):
+            return str(inner["message"])
+    try:
+        return exc.response.text[:300] if exc.response is not None else str(exc)
+    except Exception:  # a streamed or closed body
+        return str(exc)
 
 
 def request_key(model_identity: str, api: str, messages: list | None, prompt: str | None, params: dict) -> str:
@@ -70,11 +145,13 @@ def request_key(model_identity: str, api: str, messages: list | None, prompt: st
     return sha256_text(dumps({"model": model_identity, "api": api, "messages": messages, "prompt": prompt, "params": params}))
 
 
-def resolve_api_key(preset: ModelPreset) -> str:
+def resolve_api_key(preset: ModelPreset, missing_ok: bool = False) -> str:
     """The key comes from the environment only; a remote endpoint without one fails before any work."""
     if preset.api_key_env:
         key = os.environ.get(preset.api_key_env, "")
-        if not key:
+        if not key and not missing_ok and preset.api_key_optional:  # an endpoint that may want no key
+            return "not-needed"
+        if not key and not missing_ok:
             raise ConfigError(
                 f"preset '{preset.name}' needs an API key in the environment variable {preset.api_key_env}, which is not set"
             )
@@ -133,6 +210,11 @@ class RequestCache:
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for the Batch API's submissions table (pipeline.engines.batch) beside the answers."""
+        return self._db
+
     def close(self) -> None:
         self._db.close()
 
@@ -184,6 +266,9 @@ class Ledger:
     cost_usd_this_run: float = 0.0
     length_retries: int = 0  # answers cut at max_tokens, paid for, then asked again with another seed
     failovers: int = 0  # retries sent at once to another endpoint after one failed
+    backoff_s: float = 0.0  # time requests spent waiting to be retried
+    batches_submitted: int = 0  # Batch API: batches created by this run
+    batches_resumed: int = 0  # Batch API: batches an earlier (killed) run submitted, polled instead of resubmitted
     errors: dict = field(default_factory=dict)
     by_endpoint: list = field(default_factory=list)  # with several endpoints: [{"sent", "failed"}] in preset order
 
@@ -191,6 +276,7 @@ class Ledger:
         d = dict(self.__dict__)
         d["cost_usd_total"] = round(self.cost_usd_total, 6)
         d["cost_usd_this_run"] = round(self.cost_usd_this_run, 6)
+        d["backoff_s"] = round(self.backoff_s, 3)
         return d
 
 
@@ -206,6 +292,8 @@ def _classify(exc: BaseException) -> tuple[str, float | None]:
                 retry_after = None
         if exc.status_code == 429:
             return "rate_limit", retry_after
+        if exc.status_code == 408:
+            return "timeout", retry_after
         if exc.status_code >= 500:
             return "server_error", retry_after
         return f"http_{exc.status_code}", None
@@ -283,6 +371,48 @@ class Endpoints:
         self.down_until[i] = 0.0
 
 
+def request_body(preset: ModelPreset, req: LLMRequest) -> tuple[str, dict]:
+    """(path under the base URL, JSON body) of a request: the same body whether it is sent alone or in a batch file."""
+    p = req.params
+    body: dict[str, Any] = {"model": preset.model}
+    for name in ("temperature", "top_p", "max_tokens", "n", "seed"):
+        if p.get(name) is not None:
+            body[name] = p[name]
+    if p.get("stop"):
+        body["stop"] = p["stop"]
+    if preset.api == "chat":
+        if preset.engine == "vllm" and req.messages[-1]["role"] == "assistant":
+            # A begun answer to continue (a prefill): llama-server does so by default, vLLM when asked.
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return "/chat/completions", {**body, "messages": req.messages}
+    return "/completions", {**body, "prompt": req.prompt}
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def parse_answer(api: str, resp: Any) -> tuple[list[dict], dict]:
+    """(choices, usage) of a completion, as the SDK's model (sent alone) or a plain dict (a batch output line)."""
+    choices = []
+    for c in _field(resp, "choices") or []:
+        text = _field(_field(c, "message") or {}, "content") if api == "chat" else _field(c, "text")
+        choices.append({"text": text or "", "finish_reason": _field(c, "finish_reason")})
+    if not choices:
+        raise ValueError("response has no choices")
+    u = _field(resp, "usage") or {}
+    return choices, {"prompt_tokens": int(_field(u, "prompt_tokens") or 0),
+                     "completion_tokens": int(_field(u, "completion_tokens") or 0)}
+
+
+def worst_case_usd(preset: ModelPreset, cfg: ClientConfig, req: LLMRequest, batch: bool = False) -> float:
+    """What a request may cost at most: every paid attempt (a sampled answer cut at max_tokens is asked again up
+    to length_retries times) at ~4 characters a prompt token and max_tokens x n completion tokens."""
+    paid_attempts = 1 + (cfg.length_retries if req.params.get("temperature") else 0)
+    completion = int(req.params.get("max_tokens") or 0) * int(req.params.get("n") or 1)
+    return paid_attempts * preset.price.cost(len(dumps(req.messages or req.prompt)) // 4, completion, batch=batch)
+
+
 class LLMClient:
     """Async client for one model endpoint. Use as `async with LLMClient(...) as client`."""
 
@@ -294,13 +424,15 @@ class LLMClient:
         cache: RequestCache | None = None,
         on_result: Callable[[LLMResult], None] | None = None,
         rng_seed: int = 0,
+        ledger: Ledger | None = None,
     ):
         self.preset = preset
         self.cfg = cfg
         self.cache = cache
         self.on_result = on_result
-        self.ledger = Ledger()
+        self.ledger = ledger if ledger is not None else Ledger()
         self.identity = preset.identity()
+        self.base_urls = list(base_urls)
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._rpm = TokenBucket(cfg.requests_per_minute)
         self._tpm = TokenBucket(cfg.tokens_per_minute)
@@ -319,9 +451,15 @@ class LLMClient:
         ]
         self._endpoints = Endpoints(len(self._clients), cfg.endpoint_cooldown_s)
         if len(self._clients) > 1:
+            if len(self.ledger.by_endpoint) == len(self._clients):  # a session's earlier call: keep counting
+                self._endpoints.counts = self.ledger.by_endpoint
             self.ledger.by_endpoint = self._endpoints.counts
         self._in_flight_usd = 0.0  # worst-case cost of the requests in flight, counted against the budget
         self._budget = asyncio.Condition()
+        self.fatal: EndpointRejected | None = None  # the first answer no retry can fix: nothing more is sent
+        self.down: str | None = None  # the error that showed every endpoint down: nothing more is sent
+        self._wake = asyncio.Event()  # set with fatal or down: requests waiting to be retried give up at once
+        self._last_success = float("-inf")
 
     async def __aenter__(self) -> LLMClient:
         return self
@@ -336,17 +474,26 @@ class LLMClient:
         return request_key(self.identity, self.preset.api, req.messages, req.prompt, req.params)
 
     async def generate(self, req: LLMRequest) -> LLMResult:
+        """The request's answer (from the cache, else sent with retries), or a failed result (error set) for a
+        transport failure. Raises EndpointRejected (an answer no retry can fix, here or in any other request)
+        and BudgetExhausted."""
+        if self.fatal is not None:
+            raise self.fatal
         result = lookup(self.cache, self.preset, req)
         if result is not None:
             self.ledger.cache_hits += 1
             self._account(result)
         else:
             async with self._sem:
-                worst = await self._reserve_budget(req)
-                try:
-                    result = await self._send_with_retries(req)
-                finally:
-                    await self._release_budget(worst)
+                if self.down is not None:  # checked once a slot is free: the endpoint may have gone down meanwhile
+                    result = self._failed(req, self.key(req), 0, "not_sent",
+                                          f"not sent: the endpoint was down ({self.down} after all retries)")
+                else:
+                    worst = await self._reserve_budget(req)
+                    try:
+                        result = await self._send_with_retries(req)
+                    finally:
+                        await self._release_budget(worst)
         if self.on_result:
             self.on_result(result)
         return result
@@ -364,9 +511,7 @@ class LLMClient:
         its budget however many requests run at once."""
         if not self.cfg.budget_usd:
             return 0.0
-        # Every paid attempt counts: a sampled answer cut at max_tokens is asked again up to length_retries times.
-        paid_attempts = 1 + (self.cfg.length_retries if req.params.get("temperature") else 0)
-        worst = paid_attempts * self.preset.price.cost(*self._token_estimate(req))
+        worst = worst_case_usd(self.preset, self.cfg, req)
         async with self._budget:
             while self.ledger.cost_usd_total + self._in_flight_usd + worst > self.cfg.budget_usd:
                 if self.ledger.cost_usd_total + worst > self.cfg.budget_usd:
@@ -389,12 +534,28 @@ class LLMClient:
         if sent:
             led.cost_usd_this_run += result.cost_usd
 
+    def _failed(self, req: LLMRequest, key: str, attempts: int, err: str, message: str) -> LLMResult:
+        self.ledger.failed += 1
+        self.ledger.errors[err] = self.ledger.errors.get(err, 0) + 1
+        log.debug("request %s failed after %d attempt(s): %s: %s", req.id, attempts, err, message)
+        return LLMResult(id=req.id, key=key, attempts=attempts, error=err, error_message=message[:500])
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait to retry; cut short once the endpoint is down or an answer stopped the run."""
+        t0 = time.monotonic()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        self.ledger.backoff_s += time.monotonic() - t0
+
     async def _send_with_retries(self, req: LLMRequest) -> LLMResult:
         key = self.key(req)
         estimate = sum(self._token_estimate(req))
         attempts = length_tries = 0
+        first_sent = time.monotonic()
         sent = req
         while True:
+            if self.fatal is not None:
+                raise self.fatal
             attempts += 1
             await self._rpm.take(1)
             await self._tpm.take(estimate)
@@ -405,19 +566,32 @@ class LLMClient:
             except Exception as exc:  # classified below; anything unknown is a final failure
                 self._tpm.give_back(estimate)
                 err, retry_after = _classify(exc)
+                if is_fatal(err):
+                    if self.fatal is None:
+                        status = exc.status_code if isinstance(exc, openai.APIStatusError) else err[5:]
+                        self.fatal = rejection(self.preset, self.base_urls[endpoint], status, _server_said(exc),
+                                               f" to request {req.id}")
+                        self._wake.set()
+                    raise self.fatal from None
                 if err in ENDPOINT_ERRORS:
                     self._endpoints.failed(endpoint)
-                if err in RETRYABLE and attempts <= self.cfg.max_retries:
-                    self.ledger.retries += 1
+                if err in RETRYABLE and attempts <= self.cfg.max_retries and self.down is None:
                     if err in ENDPOINT_ERRORS and self._endpoints.live():  # another replica can take it now
                         self.ledger.failovers += 1
                     else:
-                        await asyncio.sleep(self._backoff(attempts, retry_after))
-                    continue
-                self.ledger.failed += 1
-                self.ledger.errors[err] = self.ledger.errors.get(err, 0) + 1
-                log.warning("request %s failed after %d attempt(s): %s: %s", req.id, attempts, err, exc)
-                return LLMResult(id=req.id, key=key, attempts=attempts, error=err, error_message=str(exc)[:500])
+                        await self._sleep(self._backoff(attempts, retry_after))
+                        if self.fatal is not None:
+                            raise self.fatal from None
+                    if self.down is None:
+                        self.ledger.retries += 1
+                        continue
+                if err in RETRYABLE and self.down is None and self._last_success < first_sent:
+                    # Its retries used up and not one request answered since it was first sent: the endpoint is
+                    # down, not blinking. What is not sent yet is not sent; a re-run sends it.
+                    self.down = err
+                    self._wake.set()
+                return self._failed(req, key, attempts, err, scrub(f"{type(exc).__name__}: {exc}"))
+            self._last_success = time.monotonic()
             self._endpoints.succeeded(endpoint)
             spent = usage["prompt_tokens"] + usage["completion_tokens"]
             self._tpm.give_back(estimate - spent)
@@ -446,36 +620,187 @@ class LLMClient:
         return self._jitter.uniform(0, ceiling)
 
     async def _call(self, req: LLMRequest, idx: int) -> tuple[list[dict], dict]:
-        p = dict(req.params)
-        kwargs: dict[str, Any] = {"model": self.preset.model}
-        for name in ("temperature", "top_p", "max_tokens", "n", "seed"):
-            if p.get(name) is not None:
-                kwargs[name] = p[name]
-        if p.get("stop"):
-            kwargs["stop"] = p["stop"]
+        path, body = request_body(self.preset, req)
         client, ends = self._clients[idx], self._endpoints
         ends.inflight[idx] += 1
         ends.counts[idx]["sent"] += 1
         try:
             # `post` with a plain JSON body: the same client (auth, errors, connection reuse)
             # without the SDK's per-call parameter transform, a third of its CPU per request.
-            if self.preset.api == "chat":
-                if self.preset.engine == "vllm" and req.messages[-1]["role"] == "assistant":
-                    # A begun answer to continue (a prefill): llama-server does so by default, vLLM when asked.
-                    kwargs.update(continue_final_message=True, add_generation_prompt=False)
-                resp = await client.post("/chat/completions", body={**kwargs, "messages": req.messages},
-                                         cast_to=ChatCompletion)
-                choices = [{"text": c.message.content or "", "finish_reason": c.finish_reason} for c in resp.choices]
-            else:
-                resp = await client.post("/completions", body={**kwargs, "prompt": req.prompt}, cast_to=Completion)
-                choices = [{"text": c.text or "", "finish_reason": c.finish_reason} for c in resp.choices]
+            resp = await client.post(path, body=body, cast_to=ChatCompletion if self.preset.api == "chat" else Completion)
         finally:
             ends.inflight[idx] -= 1
-        if not choices:
-            raise ValueError("response has no choices")
-        u = resp.usage
-        usage = {
-            "prompt_tokens": int(getattr(u, "prompt_tokens", 0) or 0),
-            "completion_tokens": int(getattr(u, "completion_tokens", 0) or 0),
-        }
-        return choices, usage
+        return parse_answer(self.preset.api, resp)
+
+
+# ---------------------------------------------------------------------------------------
+# The one entry the stages call: a list of requests in, answers out, the failure policy applied
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one `LLMSession.complete` call got, by request id."""
+
+    results: dict[str, LLMResult] = field(default_factory=dict)  # answered: from the cache or sent
+    failed: dict[str, LLMResult] = field(default_factory=dict)  # transport failures (error in TRANSPORT)
+    not_attempted: list[str] = field(default_factory=list)  # never sent: the budget was reached
+    budget_hit: bool = False
+
+
+class LLMSession:
+    """How a stage completes its requests: the cached ones from the cache, the others from a server
+    started only then (`serve`, kept for the session's later calls) or through the Batch API
+    (client.batch); one ledger and one budget over every call; transport failures collected for
+    `raise_if_failed`; an answer no retry can fix raised at once (EndpointRejected).
+
+        with LLMSession(preset, cfg.client, cache, serve=lambda: serve(preset, Path("logs"))) as session:
+            outcome = session.complete(requests)
+        session.raise_if_failed(lost=len(outcome.failed), total=len(requests))
+    """
+
+    def __init__(self, preset: ModelPreset, cfg: ClientConfig, cache: RequestCache, *,
+                 serve: Callable[[], AbstractContextManager[list[str]]] | None = None, urls: list[str] | None = None,
+                 progress: bool = False, desc: str = "requests", seed: int = 0, cost_so_far: float = 0.0):
+        if cfg.batch and not (preset.engine == "remote" and preset.batch_api and preset.base_url):
+            raise ConfigError(f"client.batch: preset '{preset.name}' does not offer the Batch API (it needs engine "
+                              f"'remote', one base_url and batch_api: true; this one is {preset.engine}"
+                              f"{', batch_api: false' if preset.engine == 'remote' and not preset.batch_api else ''})")
+        self.preset, self.cfg, self.cache = preset, cfg, cache
+        self.progress, self.desc, self.seed = progress, desc, seed
+        self.ledger = Ledger(cost_usd_total=cost_so_far)
+        self.failed: dict[str, LLMResult] = {}  # by cache key, over every call; a later answer takes it out
+        self.answered_sent = 0  # answers this LLMSession got from the endpoint (cached as they came)
+        self.sent = False
+        self.server_start_s = 0.0
+        self._serve, self._urls = serve, urls
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> LLMSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def endpoint(self) -> str:
+        if self.cfg.batch:
+            return f"preset '{self.preset.name}' (Batch API at {self.preset.base_url})"
+        urls = self._urls or self.preset.base_urls or ([self.preset.base_url] if self.preset.base_url else [])
+        return f"preset '{self.preset.name}'" + (f" at {', '.join(urls)}" if urls else "")
+
+    def _endpoint_urls(self) -> list[str]:
+        if self._urls is None:
+            if self._serve is None:
+                raise ValueError("LLMSession needs serve or urls to send requests")
+            t0 = time.monotonic()
+            self._urls = list(self._stack.enter_context(self._serve()))
+            self.server_start_s += time.monotonic() - t0
+        return self._urls
+
+    def complete(self, requests: list[LLMRequest]) -> Outcome:
+        """Every request's answer, in `results` (cached ones without sending anything), `failed` or `not_attempted`."""
+        out = Outcome()
+        pending = []
+        for req in requests:
+            hit = lookup(self.cache, self.preset, req)
+            if hit is None:
+                pending.append(req)
+            else:
+                out.results[req.id] = hit
+                self.ledger.cache_hits += 1
+                self.ledger.cost_usd_total += hit.cost_usd
+        if pending:
+            self.sent = True
+            if self.cfg.batch:
+                from pipeline.engines.batch import BatchRunner
+
+                runner = BatchRunner(self.preset, self.cfg, self.cache, self.ledger, self.progress, self.desc)
+                failed, not_attempted = asyncio.run(runner.run(pending))
+                got = {}
+                for req in pending:
+                    key = request_key(self.preset.identity(), self.preset.api, req.messages, req.prompt, req.params)
+                    hit = lookup(self.cache, self.preset, req)
+                    if hit is not None:
+                        got[req.id] = dataclasses.replace(hit, cached=False)
+                    elif key in failed:
+                        got[req.id] = dataclasses.replace(failed[key], id=req.id)
+                    elif key not in not_attempted:  # cannot happen: every submitted key is answered or failed
+                        got[req.id] = LLMResult(req.id, key, error="batch_missing", error_message="no answer")
+                out.budget_hit = bool(not_attempted)
+            else:
+                got, out.budget_hit = asyncio.run(self._online(self._endpoint_urls(), pending))
+            for req in pending:
+                result = got.get(req.id)
+                if result is None:
+                    out.not_attempted.append(req.id)
+                elif result.ok:
+                    out.results[req.id] = result
+                    self.answered_sent += 1
+                else:
+                    out.failed[req.id] = result
+        for r in out.failed.values():
+            self.failed[r.key] = r
+        for r in out.results.values():
+            self.failed.pop(r.key, None)
+        return out
+
+    async def _online(self, urls: list[str], pending: list[LLMRequest]) -> tuple[dict[str, LLMResult], bool]:
+        results: dict[str, LLMResult] = {}
+        budget_hit = False
+        client = LLMClient(self.preset, urls, self.cfg, cache=self.cache, rng_seed=self.seed, ledger=self.ledger)
+        queue = iter(pending)  # shared by the workers: requests go out in order
+        with tqdm(total=len(pending), desc=self.desc, unit="req", disable=not self.progress, mininterval=0.5) as bar:
+            t0 = time.monotonic()
+
+            def on_result(_: LLMResult) -> None:
+                dt, led = max(time.monotonic() - t0, 1e-9), self.ledger
+                bar.update(1)
+                bar.set_postfix(req_s=f"{led.requests_sent / dt:.1f}", tok_s=f"{led.completion_tokens / dt:.0f}",
+                                cost=f"${led.cost_usd_total:.4f}", failed=led.failed, refresh=False)
+
+            client.on_result = on_result
+
+            async def worker() -> None:
+                nonlocal budget_hit
+                for req in queue:
+                    if budget_hit:
+                        return
+                    try:
+                        results[req.id] = await client.generate(req)
+                    except BudgetExhausted:
+                        budget_hit = True
+                        return
+
+            async with client:
+                tasks = [asyncio.ensure_future(worker()) for _ in range(min(self.cfg.concurrency, len(pending)))]
+                try:
+                    await asyncio.gather(*tasks)
+                except BaseException:  # EndpointRejected (or an interrupt): stop the others, then raise
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    raise
+        return results, budget_hit
+
+    def ledger_dict(self) -> dict:
+        """This run's ledger; {} when nothing was sent."""
+        return self.ledger.as_dict() if self.sent else {}
+
+    def failure_stats(self) -> dict:
+        """For a stage's stats: the requests that failed for a transport reason, and why."""
+        kinds = Counter(r.error for r in self.failed.values())
+        return {"failed_requests": len(self.failed), "failed_by_error": dict(sorted(kinds.items()))}
+
+    def failure_line(self) -> str:
+        n = len(self.failed)
+        kinds = ", ".join(f"{k}: {v}" for k, v in self.failure_stats()["failed_by_error"].items())
+        return (f"{n} request(s) failed at {self.endpoint()} ({kinds}); {self.answered_sent} answered and cached; "
+                f"run again: only the {n} failed requests are sent")
+
+    def raise_if_failed(self, lost: int, total: int) -> None:
+        """RequestsFailed unless the `lost` units (prompts, problems) of `total` are within client.max_failed_fraction."""
+        if self.failed and lost > self.cfg.max_failed_fraction * total:
+            raise RequestsFailed(self.failure_line())

@@ -322,6 +322,142 @@ def load_student(
     return model, tokenizer
 
 
+# ---------------------------------------------------------------------------------------
+# Generation in process
+# ---------------------------------------------------------------------------------------
+
+
+def generation_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU that has it (half the memory and several times the speed of fp32); fp32 elsewhere, which
+    on the CPU keeps a GGUF student's dequantized weights exact, as llama.cpp serves them."""
+    return torch.bfloat16 if device == "cuda" and bf16_supported(device) else torch.float32
+
+
+class InProcessModel:
+    """A student (and its peft adapter) generating in this process with transformers: evaluate's engine for a
+    model no server loads (a model phase 1 trained whole) and for `evaluate.engine=transformers`.
+
+    On a GPU the model is in bf16 and greedy requests are decoded together, up to `batch_size` at a time
+    (left-padded, position ids from the mask, longest prompts first); as in vLLM, a batched completion can
+    then differ in the last bits with what it is batched with. Sampled requests are decoded one at a
+    time, each with its own seed. On the CPU the default is fp32, one request at a time: a completion is a
+    function of its request alone. :meth:`close` (or leaving the `with` block) frees the model, and its GPU
+    memory, before a vLLM server or the likelihood scorer needs it.
+    """
+
+    def __init__(self, source: str, adapter: Path | str | None = None, batch_size: int = 1,
+                 device: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.device = device or device_type()
+        self.dtype = generation_dtype(self.device)
+        self.batch_size = max(1, batch_size)
+        self.tokenizer = load_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
+        if self.device != "cpu":
+            model = model.to(self.device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        self.model = model.eval()
+        # Every id that ends a sequence: the tokenizer's, and the generation config's (chat models list several).
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        log.info("in-process generation: %s%s on %s, %s, batches of up to %d", source,
+                 f" + {adapter}" if adapter else "", self.device, str(self.dtype).removeprefix("torch."),
+                 self.batch_size)
+
+    def __enter__(self) -> InProcessModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the model and give its GPU memory back to the driver (a server started next needs it)."""
+        import gc
+
+        self.model = None
+        gc.collect()  # transformers models hold reference cycles: without this the weights outlive `del`
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def _kwargs(self, params: dict) -> dict:
+        tok = self.tokenizer
+        kwargs: dict[str, Any] = {"max_new_tokens": params["max_tokens"], "do_sample": params["temperature"] > 0,
+                                  "pad_token_id": tok.pad_token_id}
+        if kwargs["do_sample"]:
+            kwargs.update(temperature=params["temperature"], top_p=params["top_p"])
+        else:  # the model's generation_config may carry sampling defaults that greedy decoding would warn about
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        stop = [s for s in params.get("stop") or [] if s]
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=tok)
+        return kwargs
+
+    def _result(self, new: list[int], prompt_tokens: int, params: dict, batched: bool) -> tuple[list[dict], dict]:
+        """One row's choices and usage. A finished row of a batch is padded after its EOS or the token that
+        completed a stop string; it is cut there, so a row reads as if decoded alone."""
+        tok, stop = self.tokenizer, [s for s in params.get("stop") or [] if s]
+        n = len(new)
+        if batched:
+            n = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), n)
+        text = tok.decode(new[:n], skip_special_tokens=True)
+        if batched and stop and any(s in text for s in stop):  # the first token completing a stop string
+            lo, hi = 1, n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if any(s in tok.decode(new[:mid], skip_special_tokens=True) for s in stop):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            n = lo
+            text = tok.decode(new[:n], skip_special_tokens=True)
+        hit_cap = n >= params["max_tokens"] and not any(s in text for s in stop)
+        return ([{"text": text, "finish_reason": "length" if hit_cap else "stop"}],
+                {"prompt_tokens": prompt_tokens, "completion_tokens": n})
+
+    def _generate(self, rows: list[list[int]], params: dict) -> list[list[int]]:
+        """Left-padded batch -> each row's new tokens (padding after a finished row included)."""
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(params))
+        return out[:, width:].tolist()
+
+    def complete_many(self, requests: list[Any], on_result: Any = None) -> list[tuple[list[dict], dict]]:
+        """(choices, usage) of each request (LLMRequest: prompt or messages, and its params), in order.
+        `on_result(i, result)` is called as request i is done (the caller caches it: a killed run keeps it)."""
+        tok = self.tokenizer
+        ids = [encode_context(tok, prompt=r.prompt, messages=r.messages) for r in requests]
+        results: list[Any] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            p = r.params
+            if p["temperature"] > 0 or self.batch_size == 1:
+                groups.setdefault(("alone", i), []).append(i)
+            else:  # greedy requests with the same cap and stop strings can share a batch
+                groups.setdefault(("greedy", p["max_tokens"], tuple(p.get("stop") or ())), []).append(i)
+        for members in groups.values():
+            members.sort(key=lambda i: (-len(ids[i]), i))  # similar lengths together: less padding
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                params = requests[batch[0]].params
+                if len(batch) == 1:  # seeded as the request asks (sampled requests always come alone)
+                    torch.manual_seed(int(params.get("seed") or 0))
+                for i, new in zip(batch, self._generate([ids[i] for i in batch], params), strict=True):
+                    results[i] = self._result(new, len(ids[i]), requests[i].params, len(batch) > 1)
+                    if on_result is not None:
+                        on_result(i, results[i])
+        return results
+
+    def complete(self, req: Any) -> tuple[list[dict], dict]:
+        return self.complete_many([req])[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in sys.argv[1:] if argv is None else argv:

@@ -719,6 +719,30 @@ def final_eval_loss(trainer: Any) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
+def sharded_checkpoint(checkpoint: Path) -> bool:
+    """Whether the Trainer wrote this checkpoint's model under FSDP with a sharded state dict (fsdp_qlora.yaml's
+    SHARDED_STATE_DICT): each rank's part in a `pytorch_model_fsdp_<n>` folder, and no adapter or model file."""
+    return any(p.is_dir() and p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())
+
+
+def _restore_sharded(trainer: Any, resume: Path) -> None:
+    """Load a sharded FSDP checkpoint into the model the way Trainer.train does when it resumes: every process
+    wraps the model (the LoRA layers wrapped on their own for a peft model, as the Trainer sets it up), then reads
+    its own part with the Trainer's loader. The model stays wrapped, as after training, so the final save gathers
+    the full adapter from it."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        raise ConfigError(f"{resume} was saved under FSDP (a sharded state dict, one part per process): finish the run "
+                          "under the same `accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml` "
+                          f"command, or delete {resume.parent} to train again without FSDP")
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    if hasattr(trainer.model, "peft_config"):
+        update_fsdp_plugin_peft(trainer.model, trainer.accelerator)
+    model = trainer.accelerator.prepare(trainer.model)
+    trainer.model = trainer.model_wrapped = model
+    trainer._load_from_checkpoint(str(resume), model)
+
+
 def train_or_restore(trainer: Any, resume: Path | None) -> None:
     """Train (from `resume` if given); a checkpoint at the run's last step is only loaded, since the
     Trainer, resumed there, would run one step past max_steps."""
@@ -730,7 +754,9 @@ def train_or_restore(trainer: Any, resume: Path | None) -> None:
     from transformers import TrainerState
 
     log.info("%s is this run's last step: nothing left to train", resume)
-    if (resume / "adapter_model.safetensors").is_file():
+    if sharded_checkpoint(resume):
+        _restore_sharded(trainer, resume)
+    elif (resume / "adapter_model.safetensors").is_file():
         set_peft_model_state_dict(trainer.model, load_file(str(resume / "adapter_model.safetensors")))
     else:  # a whole model (pretrain full or scratch); tied weights are saved once
         missing, unexpected = trainer.model.load_state_dict(load_file(str(resume / "model.safetensors")), strict=False)
@@ -739,6 +765,21 @@ def train_or_restore(trainer: Any, resume: Path | None) -> None:
             raise RuntimeError(f"{resume}: the checkpoint does not match the model (missing {sorted(missing)[:5]}, "
                                f"unexpected {sorted(unexpected)[:5]})")
     trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """TrainingArguments' activation checkpointing fields under this transformers: 5.23 renamed
+    `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` (the old names stay as deprecated
+    aliases until v6), and the GPU install's transformers is older (vLLM 0.34 caps it below 5.23: see
+    constraints-gpu.txt), so the field is looked up rather than assumed. Non-reentrant checkpointing either way:
+    the reentrant kind needs inputs that require grad, which a frozen base's embeddings do not give."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: str, dtype: torch.dtype,
@@ -769,8 +810,7 @@ def training_arguments(ft: FinetuneConfig, ckpt_dir: Path, seed: int, device: st
         data_seed=seed,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        activation_checkpointing=ft.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(ft.gradient_checkpointing),
         # Paged optimizers move state to host memory under pressure: CUDA only.
         optim="paged_adamw_32bit" if device == "cuda" else "adamw_torch",
         use_cpu=device == "cpu",
@@ -832,8 +872,8 @@ def _sampler_callback(sampler: Sampler, tok: Any) -> Any:
 
     class SampleLogger(TrainerCallback):
         def _write(self, state, model) -> None:
-            # Every process generates (under FSDP generation is a collective: each holds a shard of the
-            # weights), the main one writes.
+            # Every process generates (the same greedy text: DDP replicas hold the same weights; FSDP adds no
+            # sampler, see _run_trainer), the main one writes.
             texts = sample_completions(model, tok, sampler.prompts, sampler.max_new_tokens)
             if not state.is_world_process_zero:
                 return
@@ -851,6 +891,22 @@ def _sampler_callback(sampler: Sampler, tok: Any) -> Any:
     return SampleLogger()
 
 
+def sample_callbacks(sampler: Sampler, tok: Any, main: bool, section: str) -> list:
+    """The sampler's callback, or none under FSDP: FSDP reshards the root's parameters after each forward and
+    generate() steps the model outside the Trainer's forward, and gathering the whole model on every GPU would
+    defeat sharding a student too large for one. Then samples.jsonl stays empty and the log says why."""
+    from pipeline.engines.student import fsdp_launched
+
+    if not fsdp_launched():
+        return [_sampler_callback(sampler, tok)]
+    log.warning("%s: no sample completions under FSDP (each process holds a shard of the weights); %s stays "
+                "empty: run without FSDP (one process, or ddp.yaml) to watch the samples", section, sampler.path)
+    if main:
+        sampler.path.parent.mkdir(parents=True, exist_ok=True)
+        sampler.path.touch()
+    return []
+
+
 def _run_trainer(ft: FinetuneConfig, model: Any, tok: Any, data: Prepared, out_dir: Path, seed: int, fingerprint: str,
                  *, section: str, device: str, dtype: torch.dtype, progress: bool, callbacks: list | None,
                  sampler: Sampler | None = None) -> tuple[Any, dict]:
@@ -866,7 +922,7 @@ def _run_trainer(ft: FinetuneConfig, model: Any, tok: Any, data: Prepared, out_d
     if sampler is not None:
         if resume is None and main:
             sampler.path.unlink(missing_ok=True)
-        own.append(_sampler_callback(sampler, tok))
+        own += sample_callbacks(sampler, tok, main, section)
     PackingTrainer, _ = _trainer_classes()
     args = training_arguments(ft, ckpt_dir, seed, device, dtype, bool(data.eval), progress, processes.num_processes)
     trainer = PackingTrainer(

@@ -27,13 +27,14 @@ the main process alone writes the outputs and prints the summary.
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import time
 from pathlib import Path
 
 from pipeline.core.config import ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
-from pipeline.core.records import write_json
+from pipeline.core.records import write_json, write_jsonl
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.training import (
     TrainingDiverged,
@@ -42,6 +43,8 @@ from pipeline.engines.training import (
     replica_stdout,
     train_adapter,
 )
+
+log = logging.getLogger(__name__)
 
 
 def phase_one_output(cfg: RunConfig, preset: ModelPreset) -> tuple[ModelPreset, Path | None]:
@@ -61,6 +64,69 @@ def sample_records(records: list[dict], n: int, seed: int) -> list[dict]:
     order = sorted(records, key=lambda r: r["id"])
     random.Random(seed).shuffle(order)
     return sorted(order[:n], key=lambda r: r["id"])
+
+
+def heldout_split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(kept for training, held out): a seeded share of the records, both sorted by id; the same draw for
+    every arm and training seed (`seed` is the run seed)."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = sorted(records, key=lambda r: r["id"])
+    random.Random(f"heldout:{seed}").shuffle(order)
+    n = min(max(1, round(len(order) * fraction)), len(order) - 1)
+    return sorted(order[n:], key=lambda r: r["id"]), sorted(order[:n], key=lambda r: r["id"])
+
+
+def match_tokens(records: list[dict], counts: dict[str, int], target: int, seed: int) -> list[dict]:
+    """A seeded sample of `records` whose target tokens (`counts` by id) come closest to `target`: records in
+    a seeded order are taken while the total stays nearer to `target` than without them; sorted by id."""
+    order = sorted(records, key=lambda r: r["id"])
+    random.Random(f"match:{seed}").shuffle(order)
+    chosen, total = [], 0
+    for rec in order:
+        n = counts[rec["id"]]
+        if total >= target:
+            break
+        if abs(total + n - target) <= abs(total - target):
+            chosen.append(rec)
+            total += n
+    return sorted(chosen, key=lambda r: r["id"])
+
+
+def target_token_counts(records: list[dict], ft, preset: ModelPreset) -> dict[str, int]:
+    """Target tokens of each record as training counts them (labels that are not ignored, within max_length)."""
+    from pipeline.engines.student import load_tokenizer, model_source
+    from pipeline.engines.training import IGNORE, tokenize_record
+
+    tok = load_tokenizer(model_source(preset))
+    chat = preset.api == "chat"
+    return {r["id"]: sum(label != IGNORE for label in
+                         tokenize_record(r, tok, ft.completion_only_loss, chat).labels[:ft.max_length])
+            for r in records}
+
+
+def source_records(cfg: RunConfig, preset: ModelPreset, curated: list[dict]) -> tuple[list[dict], dict]:
+    """The records phase 2 trains on for `finetune.source`, and what was matched: the curated records as
+    given, or a control arm sampled to the curated records' target tokens."""
+    ft = cfg.finetune
+    if ft.source == "curated":
+        return curated, {"source": "curated"}
+    folder = Path(ft.rejected_dir if ft.source == "rejected" else ft.natural_dir)
+    arm = [r for r in load_records(folder, f"finetune.{ft.source}_dir") if r["kind"] in ft.kinds]
+    if not arm:
+        raise ConfigError(f"finetune.source={ft.source}: {folder}/train.jsonl holds no records of the kinds "
+                          f"{ft.kinds}")
+    info = {"source": ft.source, "source_dir": str(folder), "source_records": len(arm)}
+    if not ft.match_tokens:
+        return arm, info
+    counts = target_token_counts(curated + arm, ft, preset)
+    want = sum(counts[r["id"]] for r in curated)
+    chosen = match_tokens(arm, counts, want, cfg.seed)
+    got = sum(counts[r["id"]] for r in chosen)
+    if got < 0.95 * want:
+        log.warning("finetune.source=%s: the arm has %d target tokens in all, under the curated records' %d",
+                    ft.source, got, want)
+    return chosen, {**info, "matched_target_tokens": {"curated": want, ft.source: got}}
 
 
 def pass_through(cfg: RunConfig, out_dir: Path) -> dict:
@@ -105,11 +171,17 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     if not chosen:
         raise ConfigError(f"finetune.kinds={ft.kinds}: {ft.dataset_dir}/train.jsonl holds none of these "
                           f"({len(records)} records of other kinds)")
+    # Held out before anything else, so every arm, sample and seed is scored on the same unseen exercises.
+    chosen, heldout = heldout_split(chosen, ft.heldout_fraction, cfg.seed)
+    if main:
+        write_jsonl(ft.heldout_path, heldout)
     chosen = sample_records(chosen, ft.max_records, cfg.seed)
+    chosen, arm = source_records(cfg, preset, chosen)
     student, init = phase_one_output(cfg, preset)
-    metrics = train_adapter(ft, student, chosen, out_dir, cfg.seed, section="finetune", init_adapter=init,
+    metrics = train_adapter(ft, student, chosen, out_dir, cfg.seed + ft.seed, section="finetune", init_adapter=init,
                             progress=progress, callbacks=callbacks)
     metrics = {"student": preset.name, "enabled": True, "kinds": list(ft.kinds), "records_used": len(chosen),
+               "heldout_records": len(heldout), "training_seed": cfg.seed + ft.seed, **arm,
                "phase_one": f"pretrain-{cfg.pretrain.mode}" if cfg.pretrain.enabled else None,
                **{k: v for k, v in metrics.items() if k != "student"},
                "wall_s": round(time.monotonic() - t0, 2)}

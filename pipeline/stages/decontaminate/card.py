@@ -5,7 +5,8 @@ The YAML header carries the Hub metadata (license, languages, task, tags, size c
 from the row count, and `configs` so `datasets.load_dataset(<dataset folder>)` finds the
 parquet shard); the body gives the teacher and its sampling, a hash of the prompt
 templates, the funnel of every stage, token counts, dedupe and decontamination results,
-how to load the data and its known limitations. It holds no timestamps or timings, so the
+how to load the data and its known limitations; and, when `stats_by_stage` has a "corpus" entry
+(`decontaminate.card_corpus`), what the natural-code corpus holds (or that it did not run). It holds no timestamps or timings, so the
 same run gives the same bytes. A stage whose stats.json is missing is named "not run".
 
     python -c "from pipeline.core.config import load_config; from pathlib import Path; \
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.config import RunConfig, configs_dir, load_preset
+from pipeline.core.corpus_stats import code_fence, corpus_status, corpus_summary
 from pipeline.core.records import atomic_write_text, sha256_text
 from pipeline.core.stats import STAGE_ORDER, funnel_row, total
 
@@ -240,6 +242,24 @@ def _decontamination_section(cfg: RunConfig, stats: Mapping) -> list[str]:
     return lines
 
 
+def _corpus_section(cfg: RunConfig, stats: Mapping | None) -> list[str]:
+    """The natural-code corpus (the corpus stage): not rows of this dataset, the other half of phi-1's data."""
+    lines = ["## Natural code corpus (phi-1's filtered half)", ""]
+    status = corpus_status(stats, cfg)
+    if status is not None:
+        return lines + [status]
+    s = corpus_summary(stats, cfg)
+    lines += [s["summary"] + " These snippets are not rows of this dataset.", ""]
+    for key in ("counts", "teacher", "classifier"):
+        lines += [*_table(*s[key]), ""]
+    if s["examples"]:
+        lines.append("Highest- and lowest-scored snippets (their first lines):")
+    for ex in s["examples"]:
+        fence = code_fence(ex["excerpt"])
+        lines += ["", f"- {ex['which']}, score {ex['score']}, {ex['where']}:", "", f"{fence}python", ex["excerpt"], fence]
+    return lines
+
+
 def _load_section(cfg: RunConfig) -> list[str]:
     dc = cfg.decontaminate
     return ["## How to load", "", "```python", "from datasets import load_dataset", "",
@@ -296,6 +316,7 @@ def render_card(cfg: RunConfig, config_path: Path, stats_by_stage: Mapping[str, 
         _tokens_section(stats_by_stage),
         _dedupe_section(cfg, stats_by_stage.get("dedupe")),
         _decontamination_section(cfg, dec),
+        *([_corpus_section(cfg, stats_by_stage["corpus"])] if "corpus" in stats_by_stage else []),
         _load_section(cfg),
         _limitations_section(cfg, stats_by_stage),
     ]

@@ -14,8 +14,9 @@ Engines (`evaluate.engine`, auto = the student preset's own):
   in parallel;
 - vLLM (GPU): one server with the Hugging Face base and the peft adapter
   (`{finetune.output_dir}/adapter/`) as a LoRA module, batched;
-- transformers (in process): the fallback when no server engine can run (e.g. an HF-only
-  student without a GPU), with the peft adapter.
+- transformers (in process, with the peft adapter): a model phase 1 trained whole, and any student with
+  `evaluate.engine=transformers`; bf16 and batched on a GPU, fp32 one request at a time on the CPU. A vLLM
+  student where vLLM cannot start (no CUDA GPU, vLLM not installed) is an error, not a silent fallback.
 
 Base models get the HumanEval prompt as a plain completion, cut at the stop sequences; chat
 models (the teacher) get EvalPlus's instruction. The harness turns each answer into a program
@@ -43,7 +44,6 @@ import dataclasses
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,16 +75,19 @@ from pipeline.core.schema import chat_messages
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.llm import (
     LLMClient,
+    LLMError,
     LLMRequest,
     LLMResult,
+    LLMSession,
     RequestCache,
+    RequestsFailed,
     lookup,
     request_key,
     resolve_api_key,
 )
-from pipeline.engines.servers import serve
+from pipeline.engines.servers import serve, vllm_unavailable_reason
 from pipeline.sandbox import Job, Sandbox, Verdict
-from pipeline.stages.evaluate.benchmarks import INFO, load_benchmark
+from pipeline.stages.evaluate.benchmarks import HELDOUT, INFO, heldout_problems, load_benchmark
 from pipeline.stages.evaluate.harness import (  # noqa: F401
     EVALPLUS_CHAT_STOP,
     Convention,
@@ -146,16 +149,18 @@ class Target:
 
 
 def vllm_available() -> bool:
-    return shutil.which("vllm") is not None and Path("/dev/nvidia0").exists()
+    """vLLM is installed in this Python and torch sees a CUDA GPU (a student is served on one)."""
+    return vllm_unavailable_reason() is None
 
 
 def resolve_engine(requested: str, preset: ModelPreset) -> str:
-    """The engine for the student: auto follows the preset, with transformers where vLLM cannot run."""
+    """The engine for the student: auto follows the preset. A vLLM student where vLLM cannot start is an
+    error, never a silent fall back to in-process generation (hours on a CPU): that is evaluate.engine=transformers."""
     if requested == "auto":
         if preset.engine == "vllm" and not vllm_available():
-            log.warning("student %s: vLLM or a GPU is not available; falling back to in-process transformers",
-                        preset.name)
-            return "transformers"
+            raise ConfigError(f"evaluate.engine=auto: student preset '{preset.name}' is served by vLLM, which cannot "
+                              f"start here ({vllm_unavailable_reason(preset) or 'vLLM or a CUDA GPU is missing'}); "
+                              "set evaluate.engine=transformers to generate in process instead (on the CPU: slow)")
         return preset.engine
     if requested == "llamacpp" and preset.gguf is None:
         raise ConfigError(f"evaluate.engine: llamacpp needs a GGUF, and preset '{preset.name}' has none")
@@ -312,8 +317,8 @@ class GenerationStats:
 
 def client_config(cfg: RunConfig) -> ClientConfig:
     """evaluate.client; a completion cut at max_tokens is a normal outcome here, not a reason to ask
-    again, and evaluation has no budget cap."""
-    return dataclasses.replace(cfg.evaluate.client, length_retries=0, budget_usd=0.0)
+    again, evaluation has no budget cap, and no failed request is accepted (it would score as wrong)."""
+    return dataclasses.replace(cfg.evaluate.client, length_retries=0, budget_usd=0.0, max_failed_fraction=0.0)
 
 
 async def _send(preset: ModelPreset, urls: list[str], client_cfg: ClientConfig, cache: RequestCache | None,
@@ -323,49 +328,15 @@ async def _send(preset: ModelPreset, urls: list[str], client_cfg: ClientConfig, 
             return list(await asyncio.gather(*(client.generate(r) for r in requests)))
 
 
-class InProcessModel:
-    """transformers generate, one request at a time: the fallback engine, simple rather than fast."""
+def InProcessModel(source: str, adapter: Path | None, batch_size: int = 1):  # a class's name: tests replace it
+    """transformers in this process (pipeline.engines.student.InProcessModel: bf16 and batched on a GPU)."""
+    from pipeline.engines.student import InProcessModel as Model  # torch: imported only on this path
 
-    def __init__(self, source: str, adapter: Path | None):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from pipeline.engines.student import encode_context, load_tokenizer
-
-        self.torch, self.encode_context = torch, encode_context
-        self.tokenizer = load_tokenizer(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter))
-        self.model = model.eval()
-
-    def complete(self, req: LLMRequest) -> tuple[list[dict], dict]:
-        p, tok = req.params, self.tokenizer
-        ids = self.encode_context(tok, prompt=req.prompt, messages=req.messages)
-        enc = {"input_ids": self.torch.tensor([ids]), "attention_mask": self.torch.ones(1, len(ids), dtype=self.torch.long)}
-        stop = list(p.get("stop") or [])
-        kwargs: dict[str, Any] = {"max_new_tokens": p["max_tokens"], "do_sample": p["temperature"] > 0,
-                                  "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
-        if kwargs["do_sample"]:
-            kwargs.update(temperature=p["temperature"], top_p=p["top_p"])
-        else:  # the model's generation_config may carry sampling defaults that greedy decoding would warn about
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if stop:
-            kwargs.update(stop_strings=stop, tokenizer=tok)
-        self.torch.manual_seed(int(p.get("seed") or 0))
-        with self.torch.no_grad():
-            out = self.model.generate(**enc, **kwargs)
-        new = out[0, enc["input_ids"].shape[1]:]
-        completion = tok.decode(new, skip_special_tokens=True)
-        hit_cap = len(new) >= p["max_tokens"] and truncate_at_stop(completion, stop) == completion
-        usage = {"prompt_tokens": int(enc["input_ids"].shape[1]), "completion_tokens": len(new)}
-        return [{"text": completion, "finish_reason": "length" if hit_cap else "stop"}], usage
+    return Model(source, adapter, batch_size)
 
 
 def _generate_in_process(target: Target, requests: list[LLMRequest], cache: RequestCache, progress: bool,
-                         stats: GenerationStats) -> dict[str, LLMResult]:
+                         stats: GenerationStats, batch_size: int = 1) -> dict[str, LLMResult]:
     api = target.preset.api
     keys = {r.id: request_key(target.identity, api, r.messages, r.prompt, r.params) for r in requests}
     results: dict[str, LLMResult] = {}
@@ -379,16 +350,26 @@ def _generate_in_process(target: Target, requests: list[LLMRequest], cache: Requ
     if pending:
         ts = time.monotonic()
         from pipeline.engines.student import (
+            device_type,
             model_source,  # a GGUF preset: its dequantized HF folder, as fine-tuning uses
         )
 
-        model = InProcessModel(model_source(target.preset), target.adapter)
+        # Batched on a GPU (evaluate.client.concurrency requests at a time); one at a time on the CPU.
+        model = InProcessModel(model_source(target.preset), target.adapter,
+                               batch_size if device_type() == "cuda" else 1)
         stats.server_start_s += time.monotonic() - ts
         t0 = time.monotonic()
-        for r in tqdm(pending, desc=target.name, unit="req", disable=not progress, mininterval=0.5):
-            choices, usage = model.complete(r)
-            cache.put(keys[r.id], target.identity, {"choices": choices, "usage": usage, "cost_usd": 0.0})
-            results[r.id] = LLMResult(r.id, keys[r.id], choices=choices, usage=usage, attempts=1)
+        with tqdm(total=len(pending), desc=target.name, unit="req", disable=not progress, mininterval=0.5) as bar:
+            def done(i: int, result: tuple[list[dict], dict]) -> None:
+                r, (choices, usage) = pending[i], result
+                cache.put(keys[r.id], target.identity, {"choices": choices, "usage": usage, "cost_usd": 0.0})
+                results[r.id] = LLMResult(r.id, keys[r.id], choices=choices, usage=usage, attempts=1)
+                bar.update(1)
+
+            try:
+                model.complete_many(pending, on_result=done)
+            finally:  # its GPU memory goes back before any server (or the likelihood scorer) starts
+                model.close()
         stats.generation_s += time.monotonic() - t0
     return results
 
@@ -400,7 +381,8 @@ def generate_all(targets: list[Target], requests: dict[str, list[LLMRequest]], c
     stats = {t.name: GenerationStats() for t in targets}
     for t in targets:
         if t.engine == "transformers":
-            results[t.name] = _generate_in_process(t, requests[t.name], cache, progress, stats[t.name])
+            results[t.name] = _generate_in_process(t, requests[t.name], cache, progress, stats[t.name],
+                                                   client_cfg.concurrency)
     for plan in server_plans(targets):
         pending: dict[str, list[LLMRequest]] = {}
         for t in plan.targets:
@@ -421,9 +403,14 @@ def generate_all(targets: list[Target], requests: dict[str, list[LLMRequest]], c
                 if t.name not in pending:
                     continue
                 t0 = time.monotonic()
-                got = asyncio.run(_send(t.preset, urls, client_cfg, cache, pending[t.name], progress, t.name))
+                with LLMSession(t.preset, client_cfg, cache, urls=urls, progress=progress, desc=t.name) as session:
+                    outcome = session.complete(pending[t.name])
                 stats[t.name].generation_s += time.monotonic() - t0
-                results[t.name].update((r.id, r) for r in got)
+                try:  # a failed request is never a wrong answer: it stops the stage (the answers got are cached)
+                    session.raise_if_failed(lost=len(outcome.failed), total=len(pending[t.name]))
+                except RequestsFailed as exc:
+                    raise EvaluationError(str(exc)) from None
+                results[t.name].update(outcome.results)
     for t in targets:
         s = stats[t.name]
         for r in results[t.name].values():
@@ -575,6 +562,7 @@ class Bench:
     conv: Convention
     reference_s: dict[str, float] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)
+    every_problem: list[dict] = field(default_factory=list)  # the whole benchmark, for the likelihood endpoint
 
     @property
     def by_id(self) -> dict[str, dict]:
@@ -599,7 +587,7 @@ def load_benches(ev: EvaluateConfig) -> list[Bench]:
         if problems and problems[0].get("source_file"):
             source = {"file": problems[0]["source_file"], "sha256": sha256_file(Path(problems[0]["source_file"]))}
         benches.append(Bench(name, problems[:ev.problems] if ev.problems else problems, len(problems),
-                             Convention(ev.harness, info.family), source=source))
+                             Convention(ev.harness, info.family), source=source, every_problem=problems))
     return benches
 
 
@@ -664,6 +652,10 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     t_start = time.monotonic()
     root = configs_dir(config_path)
     benches = load_benches(ev)
+    held = heldout_problems(cfg.finetune.heldout_path)
+    if held:  # the exercises finetune held out: pass@1 (and NLL) in the training distribution
+        benches.append(Bench(HELDOUT, held, len(held), Convention(ev.harness, INFO[HELDOUT].family),
+                             every_problem=held))
     targets = resolve_targets(cfg, root)
     out_dir = Path(ev.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -676,6 +668,12 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
         isolation = sandbox.isolation
     for b in benches:
         rate, failing, b.reference_s = checks[b.name]
+        if failing and b.name == HELDOUT:  # the dataset's own exercise, not the harness: left out, named
+            log.warning("held-out exercises whose solution fails its tests here, left out: %s", ", ".join(failing))
+            bad = {f.split(" ")[0] for f in failing}
+            b.problems = [p for p in b.problems if p["task_id"] not in bad]
+            b.every_problem, b.total = b.problems, len(b.problems)
+            continue
         if failing:
             raise EvaluationError(f"self-check: {len(failing)} of {len(b.problems)} canonical solutions of "
                                   f"{INFO[b.name].label} did not pass through the execution path: "
@@ -713,9 +711,19 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
                 "benchmark": INFO[b.name].label, "subset": b.subset, "problems": len(b.problems),
                 "results": [{"task_id": p["task_id"], **{m: per_problem[m][p["task_id"]] for m in per_problem}}
                             for p in b.problems]}
+    if ev.likelihood:  # after generation: every server is stopped, the scorer has the memory to itself
+        with _timer(timing, "likelihood_s"):
+            nll = _likelihood(cfg, root, targets, benches, progress)
+        for b in benches:
+            for row in per_problem_files[b.name]["results"]:
+                for name, sets in nll["scores"].items():
+                    if row["task_id"] in sets.get(b.name, {}) and name in row:
+                        row[name]["likelihood"] = sets[b.name][row["task_id"]]
     he = metrics["humaneval"]
     he["presets"] = {"student": cfg.finetune.student, "teacher": cfg.generate.teacher}
     he["benchmarks"] = list(ev.benchmarks)
+    if ev.likelihood:  # by item set (each benchmark, heldout): per target, and each phase against the one before
+        he["likelihood"] = nll["metrics"]
     for t in targets:
         write_jsonl(out_dir / f"samples_{t.name}.jsonl", all_samples[t.name], sort_key=None)
     for name in ("pretrained",):  # a declared DVC output, empty when the phase is off
@@ -728,12 +736,31 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
     first = per_problem_files.pop("humaneval")
     write_json(out_dir / "per_problem.json", {
         **first, "samples_per_problem": ev.n_samples, "models": {t.name: t.describe() for t in targets},
-        **({"benchmarks": per_problem_files} if per_problem_files else {})})
+        **({"benchmarks": per_problem_files} if per_problem_files else {}),
+        **({"likelihood": nll["per_item"]} if ev.likelihood else {})})
     write_json(out_dir / "metrics.json", metrics)
     for flag in flags:
         log.warning("SANITY FLAG: %s", flag)
     log.info("evaluate: %s", {b.name: {t.name: metrics[b.name][t.name]["pass@1"] for t in targets} for b in benches})
     return metrics
+
+
+def _likelihood(cfg: RunConfig, root: Path, targets: list[Target], benches: list[Bench], progress: bool) -> dict:
+    """NLL of the canonical solutions (and held-out exercises) under every student target: the metrics,
+    per-item scores by target and set, and the held-out per-item table."""
+    from pipeline.stages.evaluate.likelihood import benchmark_items, likelihood_metrics, score_targets
+
+    sets = {b.name: benchmark_items(b, cfg.evaluate.likelihood_problems if b.name != HELDOUT else 0)
+            for b in benches}
+    scores = score_targets(cfg, targets, load_preset(cfg.finetune.student, root), sets, progress)
+    by_id = {name: {s: {r["id"]: {k: v for k, v in r.items() if k != "id"} for r in rows} for s, rows in per.items()}
+             for name, per in scores.items()}
+    # Every scored item of every set, by model: the subsets pass@k evaluates are in the results rows too.
+    per_item = {name: {"items": len(items), "results": [{"id": i.id, **{n: by_id[n][name][i.id] for n in by_id
+                                                                       if i.id in by_id[n].get(name, {})}}
+                                                        for i in items]}
+                for name, items in sets.items() if items}
+    return {"metrics": likelihood_metrics(scores, cfg.evaluate.seed), "scores": by_id, "per_item": per_item}
 
 
 def main(args) -> int:
@@ -743,4 +770,4 @@ def main(args) -> int:
                                           if m in he},
                 "delta": he.get("delta", {}).get("pass@1"), "flags": len(he["sanity"]["flags"])}
 
-    return stage_cli(run_evaluate, args, summary, {EvaluationError: ("evaluate failed", 1)})
+    return stage_cli(run_evaluate, args, summary, {EvaluationError: ("evaluate failed", 1), LLMError: ("evaluate failed", 1)})

@@ -50,6 +50,9 @@ INFO = {
     "mbpp": BenchmarkInfo(BENCHMARK_LABELS["mbpp"], "mbpp", "MbppPlus", False, "evaluate.mbpp_plus_path"),
     "mbpp+": BenchmarkInfo(BENCHMARK_LABELS["mbpp+"], "mbpp", "MbppPlus", True, "evaluate.mbpp_plus_path"),
 }
+# The held-out curated exercises (finetune.heldout_fraction): phi-1's in-distribution check, scored like a benchmark.
+HELDOUT = "heldout"
+INFO[HELDOUT] = BenchmarkInfo("held-out exercises", "humaneval", None, False, None)
 RELEASES = {"HumanEvalPlus": "https://github.com/evalplus/humanevalplus_release/releases (HumanEvalPlus-v0.1.10.jsonl.gz)",
             "MbppPlus": "https://github.com/evalplus/mbppplus_release/releases (MbppPlus-v0.2.0.jsonl.gz)"}
 REQUIRED = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input", "atol")
@@ -249,3 +252,26 @@ def plus_check(row: dict, info: BenchmarkInfo) -> str:
         head.append(f"_INPUTS = _json.loads({json.dumps(inputs)!r})")
     # CHECK first: its imports (_json) are used by the inputs line.
     return CHECK + "\n" + "\n".join(head) + "\n"
+
+
+def heldout_problems(path: Path) -> list[dict]:
+    """The held-out curated exercises as benchmark problems: the prompt up to the training boundary, the
+    solution as the canonical one, the exercise's asserts inside a human-eval-style `check` (they call the
+    function by its own name). None when finetune held nothing out."""
+    from pipeline.core.records import read_jsonl
+    from pipeline.core.schema import exercise_function_name
+    from pipeline.engines.training import split_exercise
+
+    if not path.is_file():
+        return []
+    problems = []
+    for rec in read_jsonl(path, required=("id", "kind", "text", "prompt", "tests")):
+        context, solution = split_exercise(rec)
+        asserts = [line for line in rec["tests"].splitlines() if line.strip()]
+        if not asserts:
+            continue
+        body = "".join(f"    {line}\n" for line in asserts)
+        problems.append({"task_id": rec["id"], "prompt": context, "canonical_solution": solution,
+                         "entry_point": exercise_function_name(rec["prompt"]),
+                         "test": f"def check(candidate):\n{body}", "benchmark": HELDOUT, "source_file": str(path)})
+    return problems

