@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -193,3 +194,74 @@ def test_diversity_line_reports_coverage_and_duplicate_rate(project):
     card = render_card(cfg, root / "params.yaml", stats)
     assert ("Diversity: the prompts used 140 of the 152 topic x subtopic pairs of `topics.yaml`; share of "
             "exercises removed as duplicates per 1,000 in generation order: 1.0%, 3.5%.") in card
+
+
+# The corpus stage's stats.json from a real run: the ci profile's sources (stdlib json, collections, email),
+# 24 ratings by the offline teacher (qwen2.5-coder-0.5b-instruct), of which 6 twice.
+CORPUS = json.loads((Path(__file__).parent / "data" / "corpus_stats.json").read_text())
+
+
+def corpus_card(project, corpus) -> str:
+    root, cfg = project
+    return render_card(cfg, root / "params.yaml", {**all_stats(), "corpus": corpus})
+
+
+def test_corpus_section_says_what_the_corpus_holds(project):
+    card = corpus_card(project, copy.deepcopy(CORPUS))
+    section = card.split("## Natural code corpus (phi-1's filtered half)", 1)[1].split("\n## ", 1)[0]
+    assert "`stdlib/json` (`" in section and "`stdlib/email` (`" in section  # sources, with their folders
+    assert "teacher `qwen2.5-coder-0.5b-instruct`" in section
+    assert "**25 of 123** (20.3%, 27,593 characters) in `data/corpus/select/kept.jsonl`" in section
+    for row in ("| files read | 36 |", "| snippets extracted (class 13, file 9, function 101) | 123 |",
+                "| after dedupe | 123 |", "| after decontamination | 123 |", "| rated by the teacher | 24 |",
+                "| scored by the classifier | 123 |", "| kept | 25 (20.3%) |",
+                "| ratings 1-5 | 1: 18, 2: 3, 3: 2, 4: 1, 5: 0 |",
+                "| self-agreement: snippets rated twice | 6 |", "| same rating / within one point | 50.0% / 66.7% |",
+                "| quadratic-weighted kappa | 0.491 |", "| precision | 0.000 |", "| recall | 0.000 |",
+                "| ROC AUC | - |", "| lowest kept score | 0.2600 |"):
+        assert row in section, row
+    # The highest- and lowest-scored snippets, their first lines in fences.
+    assert section.count("- highest, score") == 3 and section.count("- lowest, score") == 3
+    assert "- highest, score 1.0000, `_header_value_parser.py` (function):" in section
+    assert "```python\nfrom email import errors\n\ndef get_group_list(value):" in section
+    assert "class JSONDecodeError(ValueError):" in section
+    assert section.count("\n# ...\n```") == 6  # cut: no whole 1,200-character snippet
+    for volatile in ("170.44", "203.12", "prompt_tokens", "server_start"):
+        assert volatile not in card
+    assert card == corpus_card(project, copy.deepcopy(CORPUS))
+    assert "| note | the held-out ratings are all of one label: precision, recall" in section  # 0 of 5 positive
+    # The card does not claim that a phase trained on the corpus when none did.
+    assert "`pretrain.extra_corpus` does not list `data/corpus/select/kept.jsonl`: no phase trained" in section
+    root, _ = project
+    cfg = load_config(root / "params.yaml", ["pretrain.extra_corpus=[data/corpus/select/kept.jsonl]"])
+    card = render_card(cfg, root / "params.yaml", {**all_stats(), "corpus": CORPUS})
+    assert "Phase 1 (`pretrain.enabled: false`) did not run: no phase trained on it." in card
+
+
+@pytest.mark.parametrize(("corpus", "line"), [
+    ({"enabled": False}, "Not built in this run (`corpus.enabled: false`): no natural code was collected"),
+    (None, "Not run: no `data/corpus/select/stats.json`"),
+])
+def test_corpus_section_is_one_line_when_the_corpus_did_not_run(project, corpus, line):
+    card = corpus_card(project, corpus)
+    section = card.split("## Natural code corpus (phi-1's filtered half)\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert section.startswith(line) and "\n" not in section.strip()
+
+
+def test_no_corpus_section_without_corpus_stats(project):
+    root, cfg = project  # decontaminate.card_corpus=false (dvc.yaml's decontaminate_corpus) passes none
+    assert "Natural code corpus" not in render_card(cfg, root / "params.yaml", all_stats())
+
+
+def test_decontaminate_reads_the_corpus_stats_for_the_card(project):
+    from pipeline.core.corpus_stats import read_corpus_stats
+
+    root, cfg = project
+    assert read_corpus_stats(cfg) is None
+    path = root / "data/corpus/select/stats.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(CORPUS))
+    assert read_corpus_stats(cfg) == CORPUS
+    path.write_text("{not json")
+    with pytest.raises(RecordError, match=r"data/corpus/select/stats\.json"):
+        read_corpus_stats(cfg)

@@ -240,3 +240,53 @@ def test_reproducibility_note_follows_the_teachers_server():
     assert "byte for byte" in batched and "from cold caches the teacher's answers are not" in batched
     alone = reproducibility_note(load_config(params, ["generate.teacher=smollm2-135m-instruct"]), params)
     assert "from cold caches too" in alone
+
+
+# The corpus stage's stats.json from a real run (tests/test_dataset_card.py says which).
+CORPUS = json.loads((Path(__file__).parent / "data" / "corpus_stats.json").read_text())
+CORPUS_HEADING = "## Natural code corpus (phi-1's filtered half)"
+
+
+def test_report_says_what_the_corpus_holds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path)
+    stats = json.loads(json.dumps(CORPUS))
+    stats["examples"]["bottom"][0]["text"] = "def shout():\n    return '<script>alert(1)</script>'\n"
+    _write(tmp_path / "data/corpus/select/stats.json", stats)
+    result = report(project)
+    md = (tmp_path / "eval/report.md").read_text()
+    section = md.split(CORPUS_HEADING, 1)[1].split("\n## ", 1)[0]
+    assert md.index("## Data funnel") < md.index(CORPUS_HEADING) < md.index("## Cost ledger")
+    assert "`stdlib/collections` (`" in section and "teacher `qwen2.5-coder-0.5b-instruct`" in section
+    assert "**25 of 123** (20.3%, 27,593 characters)" in section
+    assert _row(md, "files read") == ["files read", "36"] and _row(md, "after decontamination") == [
+        "after decontamination", "123"]
+    assert _row(md, "kept") == ["kept", "25 (20.3%)"] and _row(md, "rated by the teacher")[1] == "24"
+    assert _row(md, "same rating / within one point")[1] == "50.0% / 66.7%"
+    assert _row(md, "quadratic-weighted kappa")[1] == "0.491"
+    assert _row(md, "precision")[1] == "0.000" and _row(md, "recall")[1] == "0.000" and _row(md, "ROC AUC")[1] == "-"
+    assert "the held-out ratings are all of one label" in _row(md, "note")[1]
+    assert "Highest, score 1.0000, `_header_value_parser.py` (function):" in section
+    assert "```python\nfrom email import errors\n\ndef get_group_list(value):" in section
+    assert "Lowest, score 0.0600" in section and "```python\ndef shout():\n    return '<script>alert(1)</script>'\n```" in section
+    assert result["missing"] == []
+    html_text = (tmp_path / "eval/report.html").read_text()
+    assert "<pre><code>from email import errors\n\ndef get_group_list(value):" in html_text
+    assert "<script>" not in html_text and "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
+    first = outputs(tmp_path)
+    report(project)
+    assert outputs(tmp_path) == first
+
+
+@pytest.mark.parametrize(("stats", "line"), [
+    ({"enabled": False}, "Not built in this run (`corpus.enabled: false`): no natural code was collected, rated or kept."),
+    (None, "Not run: no `data/corpus/select/stats.json` (dvc.yaml's corpus_extract, dedupe_corpus, "),
+])
+def test_report_says_in_one_line_that_the_corpus_did_not_run(tmp_path, monkeypatch, stats, line):
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path)
+    if stats is not None:
+        _write(tmp_path / "data/corpus/select/stats.json", stats)
+    result = report(project)
+    section = (tmp_path / "eval/report.md").read_text().split(CORPUS_HEADING + "\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert section.startswith(line) and "\n" not in section.strip() and result["missing"] == []

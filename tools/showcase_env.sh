@@ -10,4 +10,14 @@ SET=(--set profile=cpu-showcase
      --set decontaminate.dataset_dir=$D/dataset --set decontaminate.card_path=eval/showcase/dataset_card.md
      --set pretrain.output_dir=$D/pretrain
      --set finetune.dataset_dir=$D/dataset --set finetune.output_dir=$D/finetune
+     --set controls.output_dir=$D/controls --set controls.rejected_input=$D/filter/rejected.jsonl
+     --set finetune.rejected_dir=$D/controls/rejected/dataset
      --set evaluate.output_dir=eval/showcase)
+# The rejected control arm (dvc.yaml's controls_rejected* stages) under $D: its pool, then the same
+# dedupe and decontaminate as the dataset. Each entry is one command's --set list after "textbook".
+R=$D/controls/rejected
+CONTROLS=("controls -q --set controls.arm=rejected"
+          "dedupe -q --set dedupe.input_dir=$R/pool --set dedupe.output_dir=$R/dedupe"
+          "decontaminate -q --set decontaminate.input_dir=$R/dedupe --set decontaminate.output_dir=$R/decontaminate
+           --set decontaminate.dataset_dir=$R/dataset --set decontaminate.card_path=$R/card.md
+           --set dedupe.output_dir=$R/dedupe --set decontaminate.card_corpus=false")

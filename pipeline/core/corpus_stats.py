@@ -140,6 +140,9 @@ def corpus_summary(stats: Mapping, cfg: RunConfig) -> dict[str, Any]:
                 ["precision", _f(clf.get("precision"))], ["recall", _f(clf.get("recall"))], ["F1", _f(clf.get("f1"))],
                 ["accuracy", _f(clf.get("accuracy"))], ["ROC AUC", _f(clf.get("roc_auc"))],
                 ["lowest kept score", _f(sel.get("lowest_kept_score"), 4)]]
+    if clf.get("heldout_positive") == 0 or clf.get("heldout_positive") == clf.get("heldout"):
+        clf_rows.append(["note", "the held-out ratings are all of one label: precision, recall, F1 and ROC AUC "
+                         "measure nothing here (a larger `corpus.annotate`)"])
     examples = stats.get("examples") or {}
     shown = [(which, ex) for which in ("top", "bottom") for ex in examples.get(which) or []]
     example_rows = [{"which": "highest" if which == "top" else "lowest", "score": _f(ex.get("score"), 4),

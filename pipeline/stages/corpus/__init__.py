@@ -19,6 +19,8 @@ with the project's own dedupe and decontaminate stages between them (dvc.yaml: `
 
 Outputs of select (``corpus.output_dir``): kept.jsonl (``text``, ``score``, where it came from: what
 ``pretrain.extra_corpus`` reads), scores.jsonl, annotations.jsonl, stats.json, resolved_config.yaml.
+``corpus.enabled: false`` (the cpu-offline and ci profiles): each step writes its outputs empty, stats.json
+``{"enabled": false}``, in a moment (stage.py: ``disabled``).
 
     textbook corpus --set corpus.step=extract --set corpus.roots=[stdlib/json]
     dvc repro corpus

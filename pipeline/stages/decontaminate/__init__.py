@@ -302,6 +302,8 @@ class AstIndex:
 
 def embedding_scores(records: list[dict], problems: list[Problem], package: str, progress: bool) -> np.ndarray:
     """(records x problems) highest cosine between any of a record's texts and a problem's code."""
+    if not records:  # an empty pool (corpus.enabled: false): no model to load
+        return np.zeros((0, len(problems)))
     model = load_embedder(package, "decontaminate.embedding_model")
     owners, texts = [], []
     for i, rec in enumerate(records):
