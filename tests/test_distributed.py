@@ -132,8 +132,8 @@ def test_two_processes_follow_one_process_and_write_one_adapter(tmp_path, monkey
     assert ref.keys() == got.keys()
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6)
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "dvclive", "metrics.json",
-                                                     "resolved_config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "dvclive", "heldout.jsonl",
+                                                     "metrics.json", "resolved_config.yaml"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json",
                                                                   "adapter_model.safetensors"]
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

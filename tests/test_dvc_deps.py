@@ -169,10 +169,14 @@ def _edit(path: Path):
 @pytest.mark.parametrize("edited, expected", [
     ("pipeline/core/records.py", "all"),
     ("pipeline/cli.py", "all"),
-    ("pipeline/stages/dedupe/lsh.py", {"dedupe"}),
-    ("pipeline/stages/decontaminate/card.py", {"decontaminate"}),
-    ("pipeline/engines/servers.py", {"generate", "pretrain", "finetune", "evaluate"}),
-    ("pipeline/sandbox/worker.py", {"generate", "filter", "decontaminate", "evaluate"}),
+    # dedupe and decontaminate also curate the rejected control arm and the natural corpus.
+    ("pipeline/stages/dedupe/lsh.py", {"dedupe", "controls_rejected_dedupe", "dedupe_corpus"}),
+    ("pipeline/stages/decontaminate/card.py",
+     {"decontaminate", "controls_rejected_decontaminate", "decontaminate_corpus"}),
+    ("pipeline/engines/servers.py", {"generate", "pretrain", "finetune", "evaluate", "corpus_extract", "corpus",
+                                     "decontaminate", "controls_rejected_decontaminate", "decontaminate_corpus"}),
+    ("pipeline/sandbox/worker.py", {"generate", "filter", "decontaminate", "evaluate",
+                                    "controls_rejected_decontaminate", "decontaminate_corpus"}),
 ])
 def test_dvc_status_after_an_edit(scratch_project, edited, expected):
     path = scratch_project / edited

@@ -49,6 +49,8 @@ def test_dvc_repro_end_to_end_on_the_ci_profile(tmp_path):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, project / name)
+    # The committed natural control arm: a plain dependency of finetune, mined once (tools/mine_natural.sh).
+    shutil.copytree(REPO / "data" / "controls" / "natural", project / "data" / "controls" / "natural")
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["profile"] = "ci"
     (project / "params.yaml").write_text(yaml.safe_dump(params))
