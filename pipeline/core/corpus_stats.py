@@ -8,14 +8,13 @@ print(corpus_summary(read_corpus_stats(load_config()), load_config()))"
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import RunConfig
-from pipeline.core.records import RecordError
+from pipeline.core.stats import read_stats_file
 
 EXCERPT_LINES = 8  # a top / bottom example is shown as its first lines...
 EXCERPT_CHARS = 480  # ...and at most this many characters
@@ -27,16 +26,7 @@ def corpus_stats_path(cfg: RunConfig) -> Path:
 
 def read_corpus_stats(cfg: RunConfig) -> dict | None:
     """The select step's stats, None when it has not run; a corrupt file is an error."""
-    path = corpus_stats_path(cfg)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecordError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise RecordError(f"{path}: stats must be a JSON object")
-    return data
+    return read_stats_file(corpus_stats_path(cfg))
 
 
 def excerpt(text: str, max_lines: int = EXCERPT_LINES, max_chars: int = EXCERPT_CHARS) -> str:

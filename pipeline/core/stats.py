@@ -41,14 +41,21 @@ def read_stage_stats(cfg: RunConfig) -> dict[str, dict | None]:
         if not path.is_file():
             log.info("card: no %s (stage %s not run)", path, stage)
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecordError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise RecordError(f"{path}: stats must be a JSON object")
-        out[stage] = data
+        out[stage] = read_stats_file(path)
     return out
+
+
+def read_stats_file(path: Path) -> dict | None:
+    """A stage's stats.json, None when it is missing; a corrupt file is an error naming it."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: stats must be a JSON object")
+    return data
 
 
 # Reading stats of any stage: tolerant of schemas still settling.
