@@ -93,7 +93,8 @@ def test_scored_context_ids_are_the_ids_evaluate_sends(tiny):
 
 
 def test_batched_scores_equal_one_at_a_time(tiny):
-    from pipeline.engines.likelihood import Item, Scorer, summarize
+    from pipeline.engines.likelihood import Item, Scorer
+    from pipeline.stages.evaluate.likelihood import summary
 
     items = [Item(p["task_id"], p["prompt"], p["canonical_solution"]) for p in load_problems(7)]
     one = Scorer(str(tiny / "model"), tiny / "random-adapter", batch_size=1).score(items)
@@ -102,8 +103,9 @@ def test_batched_scores_equal_one_at_a_time(tiny):
     assert all(abs(a.nll - b.nll) < 1e-3 * a.tokens for a, b in zip(one, many, strict=True))
     base = Scorer(str(tiny / "model")).score(items)
     assert [round(s.nll, 3) for s in base] != [round(s.nll, 3) for s in one]  # the adapter is applied
-    s = summarize(one)
-    assert s["items"] == 7 and s["bits_per_byte"] > 0 and s["target_tokens"] == sum(x.tokens for x in one)
+    s = summary([{"id": x.id, **x.as_dict()} for x in one], seed=0)
+    assert s["items"] == 7 and s["bits_per_byte"] > 0 and s["ci95"][0] <= s["nll_per_token"] <= s["ci95"][1]
+    assert s["nll_per_token_pooled"] == round(sum(x.nll for x in one) / sum(x.tokens for x in one), 6)
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ Rows are batched with left padding (position ids from the mask), longest first.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,17 +134,6 @@ class Scorer:
             picked = row.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(row, dim=-1)
             out.append((float(-picked.sum()), n))
         return out
-
-
-def summarize(scored: list[Scored]) -> dict:
-    """A target's figures: mean nats/token over items (the unit of the paired tests), pooled nats/token
-    and bits/byte (all target tokens and bytes together)."""
-    if not scored:
-        return {"items": 0}
-    nll, tokens, nbytes = (sum(getattr(s, f) for s in scored) for f in ("nll", "tokens", "bytes"))
-    return {"items": len(scored), "nll_per_token": sum(s.per_token for s in scored) / len(scored),
-            "nll_per_token_pooled": nll / tokens, "bits_per_byte": nll / math.log(2) / nbytes,
-            "target_tokens": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:
