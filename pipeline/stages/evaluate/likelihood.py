@@ -18,7 +18,6 @@ sign-flip permutation p-value (the primary test) and Wilcoxon's beside it
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from pipeline.core.config import RunConfig, engine_version
 from pipeline.core.passk import bootstrap_interval
 from pipeline.core.records import atomic_write_text, dumps, sha256_text, sha256_tree
 from pipeline.core.significance import paired_comparison
-
-log = logging.getLogger(__name__)
 
 # The pairs compared, (reference, other): other - reference, negative = other is better.
 COMPARISONS = (("base", "finetuned"), ("base", "pretrained"), ("pretrained", "finetuned"))
@@ -54,12 +51,15 @@ def scored_target(cfg: RunConfig, target, student) -> ScoredTarget | None:
     phase_one = cfg.pretrain.trained_model(student)  # a model phase 1 trained whole (full, scratch), or None
     base = phase_one.hf_id if phase_one is not None else model_source(student)
     if target.name == "base":
-        source, adapter = model_source(student), None
+        source, adapter = model_source(student), None  # the student's own base, even after phase 1
     elif target.name == "pretrained":
         source, adapter = (base, None) if phase_one is not None else (base, cfg.pretrain.weights_dir / "adapter")
     else:
         source, adapter = base, Path(cfg.finetune.output_dir) / "adapter"
-    weights = sha256_tree(Path(source)) if Path(source).is_dir() else source
+    if student.gguf is not None and source == model_source(student):
+        weights = student.gguf.sha256  # the dequantized folder is named and checked by it: no 1 GB re-hash
+    else:
+        weights = sha256_tree(Path(source)) if Path(source).is_dir() else source
     adapter_sha = sha256_tree(adapter) if adapter else None
     return ScoredTarget(target.name, source, adapter, target.preset.api == "chat",
                         sha256_text(f"{weights}|{adapter_sha}|{engine_version('transformers')}"))
@@ -134,11 +134,11 @@ def summary(rows: list[dict], seed: int) -> dict:
             "interval": "bootstrap over items (2000 resamples)"}
 
 
-def compare(a: list[dict], b: list[dict], seed: int, ids: list[str] | None = None) -> dict:
-    """b - a in nats/token on the same items (restricted to `ids` when given), rounded for the metrics."""
+def compare(a: list[dict], b: list[dict], seed: int) -> dict:
+    """b - a in nats/token on the items both scored, rounded for the metrics."""
     va = {r["id"]: r["nll_per_token"] for r in a}
     vb = {r["id"]: r["nll_per_token"] for r in b}
-    keys = [i for i in (ids if ids is not None else va) if i in va and i in vb]
+    keys = [i for i in va if i in vb]
     c = paired_comparison([va[k] for k in keys], [vb[k] for k in keys], seed=seed)
     return {**c, "delta": round(c["delta"], 6), "ci95": [round(x, 6) for x in c["ci95"]],
             "p_value": round(c["p_value"], 6), "wilcoxon_p": None if c["wilcoxon_p"] is None else round(c["wilcoxon_p"], 6)}
