@@ -105,6 +105,23 @@ def test_config_fields_have_help_and_defaults_are_valid() -> None:
     assert config.n_workers == len(os.sched_getaffinity(0))
 
 
+def test_the_worker_program_is_one_source_that_imports_nothing_of_the_project() -> None:
+    """The worker's parts run as one `python -S -c` program in the sandbox, where the project is hidden:
+    their imports of one another are skipped there (they run as __main__), every other import is stdlib."""
+    import ast
+
+    from pipeline.sandbox.launch import worker_program
+
+    tree = ast.parse(worker_program())
+    assert isinstance(tree.body[0], ast.ImportFrom) and tree.body[0].module == "__future__"
+    guarded = {id(node) for top in tree.body if isinstance(top, ast.If) and ast.unparse(top.test) == "__name__ != '__main__'"
+               for node in ast.walk(top)}
+    project = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+               and any(name.split(".")[0] == "pipeline"
+                       for name in ([node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]))]
+    assert project and all(id(node) in guarded for node in project)
+
+
 # ---------------------------------------------------------------------------------------
 # Verdicts
 # ---------------------------------------------------------------------------------------

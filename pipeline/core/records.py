@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -66,6 +67,41 @@ def atomic_writer(path: str | Path) -> Iterator[TextIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, tmp_name: str | None = None) -> Iterator[Path]:
+    """A temp path beside `path` for any writer (binary, parquet, numpy) to fill; renamed onto
+    `path` when the block ends, removed if it raises: the file appears whole or not at all.
+    `tmp_name` fixes the temp's name (several processes writing one file); default per process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(tmp_name or f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, tmp_name: str | None = None) -> Iterator[Path]:
+    """An empty temp folder beside `path` to fill; when the block ends it replaces `path` whole
+    (the old folder is removed first), and if the block raises it is removed: a killed save
+    never leaves half a model. `tmp_name` fixes the temp's name (several processes saving one
+    model); default per process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(tmp_name or f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

