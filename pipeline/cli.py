@@ -36,8 +36,9 @@ STAGES = {
 
 def _config_main(args: argparse.Namespace) -> int:
     if args.keys:
-        for key, default, help_text in describe(RunConfig):
-            print(f"{key} = {default}\n    {help_text}")
+        for row in describe(RunConfig):  # from the sections' pydantic fields: type, default, bounds, help
+            print(f"{row.key}: {row.type} = {row.default}" + (f"  ({row.bounds})" if row.bounds else ""))
+            print(f"    {row.help}")
         return 0
     cfg, _ = load_stage_config(args)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

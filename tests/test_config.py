@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
 from pipeline.core.config import (
     ConfigError,
+    FinetuneConfig,
+    ModelPreset,
     RunConfig,
+    ServerConfig,
     build,
     describe,
     load_config,
@@ -159,7 +164,77 @@ def test_a_params_key_that_shadows_the_profile_is_logged(tmp_path, caplog):
 def test_every_key_has_help():
     rows = describe(RunConfig)
     assert len(rows) > 30
-    assert all(help_text for _, _, help_text in rows), [k for k, _, h in rows if not h]
+    assert all(row.help for row in rows), [row.key for row in rows if not row.help]
+
+
+def test_unknown_keys_name_the_dotted_key_and_suggest_close_ones(tmp_path):
+    params = write(make_project(tmp_path, {}), {})
+    with pytest.raises(ConfigError) as exc:
+        load_config(params, ["finetune.lora.r=8"])
+    assert str(exc.value).startswith("unknown key 'finetune.lora'; allowed keys in finetune: batch_size, ")
+    assert str(exc.value).endswith("; did you mean lora_r?")
+    with pytest.raises(ConfigError, match=r"unknown key 'generate\.sampling\.temprature'; allowed keys in "
+                                          r"generate\.sampling: .*did you mean temperature\?"):
+        load_config(params, ["generate.sampling.temprature=0.5"])
+    with pytest.raises(ConfigError, match="unknown key 'preset 'm'.server.n_slots'; allowed keys in preset 'm'.server"):
+        build(ModelPreset, {"name": "m", "engine": "remote", "model": "m", "base_url": "http://x/v1",
+                            "server": {"n_slots": 2}}, "preset 'm'")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("finetune.lora_r=0", "finetune.lora_r: must be >= 1, got 0"),
+    ("dedupe.threshold=1.5", "dedupe.threshold: must be in (0, 1], got 1.5"),
+    ("filter.max_dropped_fraction=1", "filter.max_dropped_fraction: must be in [0, 1), got 1"),
+    ("evaluate.likelihood_problems=-2", "evaluate.likelihood_problems: must be >= -1, got -2"),
+    ("decontaminate.tau_levels=[0.9, 2]", "decontaminate.tau_levels[1]: must be in [0, 1], got 2"),
+    ("corpus.sampling.temperature=3", "corpus.sampling.temperature: must be in [0, 2], got 3"),
+    ("finetune.max_steps=2.5", "finetune.max_steps: expected int, got float 2.5"),
+    ("filter.min_chars=7000", "filter.min_chars: must be <= filter.max_chars (6000), got 7000"),
+])
+def test_an_out_of_bound_value_names_the_key_and_the_bound(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(REPO / "params.yaml", [override])
+    assert str(exc.value) == message
+
+
+def test_sections_stay_dataclasses_that_validate_every_way_in():
+    cfg = load_config(REPO / "params.yaml")
+    assert dataclasses.asdict(cfg)["finetune"]["lora_r"] == cfg.finetune.lora_r
+    assert dataclasses.replace(cfg.finetune, lora_r=8).lora_r == 8
+    with pytest.raises(ConfigError, match=r"^finetune\.lora_r: must be >= 1, got 0$"):
+        dataclasses.replace(cfg.finetune, lora_r=0)
+    with pytest.raises(ConfigError, match=r"^server\.n_parallel: expected int, got bool True$"):
+        ServerConfig(n_parallel=True)
+    with pytest.raises(ConfigError, match=r"^preset 'f': engine 'vllm' needs hf_id$"):
+        ModelPreset(name="f", engine="vllm", model="m")
+    assert FinetuneConfig(learning_rate=1).learning_rate == 1.0  # an int where a float is wanted, as YAML gives it
+    assert dataclasses.fields(FinetuneConfig)[0].metadata["help"].startswith("Student base model preset")
+
+
+def test_config_keys_lists_each_field_with_type_default_bounds_and_help(capsys):
+    from pipeline.cli import main
+
+    assert main(["config", "--keys"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune.lora_r: int = 16  (>= 1)\n    LoRA rank.\n" in out
+    assert "dedupe.threshold: float = 0.8  (in (0, 1])\n    Jaccard similarity at or above which" in out
+    assert "pretrain.mode: 'lora' | 'full' | 'scratch' = 'lora'\n" in out
+    assert "corpus.sampling.temperature: float = 0.3  (in [0, 2])\n" in out  # the section's own default
+    keys = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert keys == [row.key for row in describe(RunConfig)] and len(keys) == len(out.splitlines()) // 2
+
+
+def test_model_identities_take_the_engine_version_from_the_engines_layer(monkeypatch):
+    from pipeline.core.config import presets
+    from pipeline.engines.versions import engine_version
+
+    preset = load_preset("qwen2.5-coder-0.5b-instruct", REPO / "configs")
+    assert f"|{engine_version('llama-server')}|" in preset.identity()
+    monkeypatch.setattr(presets, "_engine_versions", lambda engine: f"{engine}==9.9")
+    assert "|llama-server==9.9|settings:" in preset.identity()
+    monkeypatch.setattr(presets, "_engine_versions", None)
+    with pytest.raises(RuntimeError, match="import pipeline.engines.versions"):
+        preset.identity()
 
 
 def test_resolved_config_inlines_presets_and_holds_no_secret(tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ from pipeline.core.config import (
     ConfigError,
     ModelPreset,
     Price,
-    engine_version,
     load_preset,
 )
 from pipeline.engines.llm import (
@@ -33,6 +32,7 @@ from pipeline.engines.llm import (
     lookup,
     request_key,
 )
+from pipeline.engines.versions import engine_version
 from tests.fakeserver import TRANSIENT_FAULTS, FakeOpenAIServer
 
 

@@ -82,14 +82,14 @@ def statuses(verdicts: list[Verdict]) -> list[str]:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("timeout_s", -1, "sandbox.timeout_s must be > 0, got -1"),
-        ("cpu_time_s", 0, "sandbox.cpu_time_s must be > 0, got 0"),
-        ("workers", -2, "sandbox.workers must be >= 0, got -2"),
-        ("memory_mb", 10, "sandbox.memory_mb must be >= 64"),
-        ("max_output_bytes", 0, "sandbox.max_output_bytes must be > 0"),
-        ("max_processes", 0, "sandbox.max_processes must be >= 1"),
-        ("max_open_files", 3, "sandbox.max_open_files must be >= 8"),
-        ("isolation", "docker", "sandbox.isolation must be one of"),
+        ("timeout_s", -1, "sandbox.timeout_s: must be > 0, got -1"),
+        ("cpu_time_s", 0, "sandbox.cpu_time_s: must be > 0, got 0"),
+        ("workers", -2, "sandbox.workers: must be >= 0, got -2"),
+        ("memory_mb", 10, "sandbox.memory_mb: must be >= 64"),
+        ("max_output_bytes", 0, "sandbox.max_output_bytes: must be > 0"),
+        ("max_processes", 0, "sandbox.max_processes: must be >= 1"),
+        ("max_open_files", 3, "sandbox.max_open_files: must be >= 8"),
+        ("isolation", "docker", "sandbox.isolation: 'docker' is not allowed"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: object, message: str) -> None:

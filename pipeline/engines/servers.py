@@ -42,8 +42,9 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.core.config import REPO_ROOT, ConfigError, ModelPreset, llama_server_path, load_preset
+from pipeline.core.config import REPO_ROOT, ConfigError, ModelPreset, load_preset
 from pipeline.engines.models import ensure_gguf
+from pipeline.engines.versions import llama_server_path
 
 log = logging.getLogger(__name__)
 

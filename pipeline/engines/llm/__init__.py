@@ -45,6 +45,7 @@ LLMClient) and `session` (LLMSession, Outcome). Everything is re-exported here.
     python -c "import asyncio; from pipeline.engines.llm import *; print(request_key('m', 'chat', [{'role':'user','content':'hi'}], None, {}))"
 """
 
+from pipeline.engines import versions as _versions  # noqa: F401  (ModelPreset.identity() needs the engine versions)
 from pipeline.engines.llm.budget import Ledger, TokenBucket, worst_case_usd
 from pipeline.engines.llm.cache import RequestCache, lookup
 from pipeline.engines.llm.client import Endpoints, LLMClient

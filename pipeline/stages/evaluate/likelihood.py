@@ -21,10 +21,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import RunConfig, engine_version
+from pipeline.core.config import RunConfig
 from pipeline.core.passk import bootstrap_interval
 from pipeline.core.records import atomic_write_text, dumps, sha256_text, sha256_tree
 from pipeline.core.significance import paired_comparison
+from pipeline.engines.versions import engine_version
 
 # The pairs compared, (reference, other): other - reference, negative = other is better.
 COMPARISONS = (("base", "finetuned"), ("base", "pretrained"), ("pretrained", "finetuned"))
