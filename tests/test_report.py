@@ -10,10 +10,26 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.artifacts import ArtifactError, FinetuneMetrics
 from pipeline.core.config import load_config
 from pipeline.stages.report import run_report
 from pipeline.stages.report.references import REFERENCES, OurRun, differences, params_from_name
 
+from .artifacts import (
+    decontaminate_stats,
+    dedupe_kind,
+    dedupe_stats,
+    delta,
+    describe,
+    eval_metrics,
+    filter_kind,
+    filter_stats,
+    finetune_metrics,
+    generate_stats,
+    model_score,
+    per_problem,
+    similarity,
+)
 from .conftest import make_project
 
 TASKS = [f"HumanEval/{i}" for i in range(10)]
@@ -26,52 +42,35 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def fixture_run(root: Path) -> Path:
+def fixture_run(root: Path, finetune: FinetuneMetrics | None = None) -> Path:
+    """Every input of the report, each built from its artifact model (the keys its producer writes)."""
     project = make_project(root, {"profile": "ci", "seed": 7, "finetune": {"student": "smollm2-135m-instruct"},
                                   "evaluate": {"problems": 10}})
-    model = {"pass@1_ci95_low": 0.057, "pass@1_ci95_high": 0.51, "requests_sent": 10, "cache_hits": 0,
-             "completion_tokens": 900, "tokens_per_s": 25.0, "problems_per_min": 20.0, "generation_s": 30.0,
-             "execution_s": 0.5, "empty_completions": 1, "cut_at_max_tokens": 2, "server_start_s": 2.0}
-    _write(root / "eval/metrics.json", {"humaneval": {
-        "problems": 10, "problems_total": 164, "subset": "first 10 of 164", "samples_per_problem": 1,
-        "temperature": 0.0, "top_p": 0.95, "max_tokens": 384,
-        "base": {**model, "pass@1": 0.2, "problems_solved": 2},
-        "finetuned": {**model, "pass@1": 0.3, "problems_solved": 3},
-        "delta": {"pass@1": 0.1, "pass@1_ci95_low": -0.2, "pass@1_ci95_high": 0.4, "p_value": 1.0,
-                  "test": "mcnemar_exact", "within_noise": True, "improved_problems": 2, "regressed_problems": 1},
-        "sanity": {"canonical_pass_rate": 1.0, "failed_requests": 0, "harness_errors": 0, "isolation": "bwrap",
-                   "flags": ["teacher: 3 of 4 completions hit max_tokens"]},
-        "timing": {"generation_s": 60.0, "execution_s": 1.0}}})
-    desc = {"engine": "llamacpp", "model": "smol", "identity": "llamacpp:smol:abc", "adapter_sha256": None}
-    _write(root / "eval/per_problem.json", {
-        "subset": "first 10 of 164", "problems": 10, "samples_per_problem": 1,
-        "models": {"base": desc, "finetuned": {**desc, "model": "smol-lora-0123456789ab", "adapter_sha256": "0123456789abcdef"}},
-        "results": [{"task_id": t, "base": {"n": 1, "c": BASE_PASS.get(i, 0), "pass@1": float(BASE_PASS.get(i, 0))},
-                     "finetuned": {"n": 1, "c": FINE_PASS.get(i, 0), "pass@1": float(FINE_PASS.get(i, 0))}}
-                    for i, t in enumerate(TASKS)]})
+    eval_metrics(10, {"base": model_score(0.2, 2), "finetuned": model_score(0.3, 3), "delta": delta(0.1, p_value=1.0)},
+                 humaneval={"sanity": {"flags": ["teacher: 3 of 4 completions hit max_tokens"]}}
+                 ).write(root / "eval/metrics.json")
+    per_problem(TASKS, {"base": BASE_PASS, "finetuned": FINE_PASS},
+                {"base": describe("smol"), "finetuned": describe("smol-lora-0123456789ab", "0123456789abcdef")}
+                ).write(root / "eval/per_problem.json")
     all_ids = [f"HumanEval/{i}" for i in range(164)]
     similar = {"0.95": ["HumanEval/0"], "0.9": ["HumanEval/0", "HumanEval/1"],
                "0.85": ["HumanEval/0", "HumanEval/1", "HumanEval/3", "HumanEval/100"], "0.8": all_ids[:10]}
-    _write(root / "data/decontaminate/humaneval_similarity.json", {
-        "problems": [{"task_id": t, "ast_tau": 0.97 if t == "HumanEval/0" else 0.5} for t in all_ids],
-        "tau_levels": {lvl: {"similar": s, "non_similar": [t for t in all_ids if t not in s], "n_similar": len(s),
-                             "n_non_similar": 164 - len(s)} for lvl, s in similar.items()}})
-    _write(root / "data/generate/stats.json", {"teacher": "qwen", "requested": 28, "kept": {"exercise": 21, "textbook": 4},
-                                                "rejected": 3, "rejected_by_reason": {"parse:no_assert_tests": 3},
-                                                "tokens": {"prompt": 4950, "completion": 6740}, "cost_usd": 0.0123,
-                                                "timing": {"wall_s": 282.1}, "completed": 28,
-                                                "ledger_this_run": {"cache_hits": 10, "requests_sent": 18}})
-    _write(root / "data/filter/stats.json", {"exercise": {"in": 21, "kept": 5, "dropped": 16}, "textbook":
-                                              {"in": 4, "kept": 3, "dropped": 1}})
-    _write(root / "data/dedupe/stats.json", {"in": {"exercise": 5, "textbook": 3}, "kept": {"exercise": 5, "textbook": 2},
-                                              "removed": {"exercise": 0, "textbook": 1}})
-    _write(root / "data/decontaminate/stats.json", {"in": {"exercise": 5, "textbook": 2},
-                                                     "kept": {"exercise": 4, "textbook": 2},
-                                                     "removed": {"exercise": 1, "textbook": 0},
-                                                     "removed_by_signal": {"ngram": 1}, "dataset": {"rows": 6},
-                                                     "tokens": {"completion_tokens": 1500}})
-    _write(root / "data/finetune/metrics.json", {"train_loss": 1.25, "train_runtime": 45.5, "train_examples": 4,
-                                                  "train_tokens": 3000, "steps": 12, "resumed_from_step": 8})
+    (root / "data/decontaminate").mkdir(parents=True)
+    similarity(all_ids, similar, {"HumanEval/0": 0.97}).write(root / "data/decontaminate/humaneval_similarity.json")
+    for folder in ("generate", "filter", "dedupe", "finetune"):
+        (root / "data" / folder).mkdir(parents=True, exist_ok=True)
+    generate_stats(teacher="qwen", requested=28, completed=28, kept={"exercise": 21, "textbook": 4}, rejected=3,
+                   rejected_by_reason={"parse:no_assert_tests": 3}, tokens={"prompt": 4950, "completion": 6740},
+                   cost_usd=0.0123, timing={"wall_s": 282.1},
+                   ledger_this_run={"cache_hits": 10, "requests_sent": 18}).write(root / "data/generate/stats.json")
+    filter_stats(filter_kind(21, 5, {"tests_failed:failed": 16}), filter_kind(4, 3, {"code_syntax_error": 1})
+                 ).write(root / "data/filter/stats.json")
+    dedupe_stats(dedupe_kind(5, 5), dedupe_kind(3, 2, near=1)).write(root / "data/dedupe/stats.json")
+    decontaminate_stats({"exercise": 5, "textbook": 2}, {"exercise": 4, "textbook": 2},
+                        removed_by_signal={"ngram": 1}, tokens={"completion_tokens": 1500}
+                        ).write(root / "data/decontaminate/stats.json")
+    (finetune or finetune_metrics(4, 1, train_loss=1.25, wall_s=45.5, train_tokens=3000, steps=12,
+                                  resumed_from_step=8)).write(root / "data/finetune/metrics.json")
     tsv = root / "data/finetune/dvclive/plots/metrics/train/loss.tsv"
     tsv.parent.mkdir(parents=True)
     tsv.write_text("timestamp\tstep\tloss\n" + "".join(f"{1000 + s}\t{s}\t{2.5 / (s + 1):.4f}\n" for s in range(12)))
@@ -121,7 +120,9 @@ def test_mbpp_fills_its_column_and_benchmarks_not_run_are_named(tmp_path, monkey
     assert "Not run here: HumanEval+, MBPP, MBPP+" in md and "| not run |" in md
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
     he = metrics["humaneval"]
-    metrics["mbpp"] = {"benchmark": "MBPP", "problems": 378, "subset": "all 378",
+    protocol = {k: he[k] for k in ("harness", "problems_total", "samples_per_problem", "temperature", "top_p",
+                                    "max_tokens")}
+    metrics["mbpp"] = {**protocol, "benchmark": "MBPP", "problems": 378, "problems_total": 378, "subset": "all 378",
                        **{m: {**he[m], "pass@1": 0.125, "problems_solved": 47} for m in ("base", "finetuned")},
                        "delta": {**he["delta"], "pass@1": 0.0, "p_value": 1.0}}
     _write(tmp_path / "eval/metrics.json", metrics)
@@ -162,7 +163,8 @@ def test_report_sections_numbers_and_determinism(tmp_path, monkeypatch):
     assert _row(md, "fine-tuning")[4:6] == ["45.5", "checkpoint at step 8 of 12"]
     assert _row(md, "evaluation: base")[5] == "0 of 10 completions"
     assert "`train_loss` | 1.25" in md and "teacher: 3 of 4 completions hit max_tokens" in md
-    assert "trained on 4 exercises (~3k tokens)" in md and "Only the first 10 of 164" in md
+    assert "trained on 4 exercises (~3k tokens), 1 more held out for the eval loss" in md
+    assert "Only the first 10 of 164" in md
     assert result["plots"] == ["funnel.png", "loss.png", "pass_at_1.png"] and result["missing"] == []
 
     html_text = (tmp_path / "eval/report.html").read_text()
@@ -290,3 +292,45 @@ def test_report_says_in_one_line_that_the_corpus_did_not_run(tmp_path, monkeypat
     result = report(project)
     section = (tmp_path / "eval/report.md").read_text().split(CORPUS_HEADING + "\n\n", 1)[1].split("\n\n## ", 1)[0]
     assert section.startswith(line) and "\n" not in section.strip() and result["missing"] == []
+
+
+def test_the_stated_training_examples_are_finetunes_train_and_eval_counts(tmp_path, monkeypatch):
+    """The report once said "LoRA on 33 examples" where 30 trained and 3 were held out for the eval loss (it took
+    the dataset's size): the counts it states are finetune's own examples.train and examples.eval."""
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path, finetune_metrics(30, 3, records_used=33))
+    _write(tmp_path / "data/decontaminate/stats.json", decontaminate_stats(
+        {"exercise": 40, "textbook": 2}, {"exercise": 36, "textbook": 2}).dump())  # the dataset: 36 exercises
+    report(project)
+    md = (tmp_path / "eval/report.md").read_text()
+    examples = FinetuneMetrics.read(tmp_path / "data/finetune/metrics.json").examples
+    trained = _row(md, "**ours: fine-tuned (last phase)**")[4]
+    assert trained == f"LoRA on {examples.train} examples ({examples.eval} held out for the eval loss)"
+    assert (examples.train, examples.eval) == (30, 3)
+    stated = re.findall(r"LoRA on (\d+) exercises", md)
+    assert stated and set(stated) == {"30"}  # the published rows' "how it differs" column
+    assert f"trained on {examples.train} exercises (~1k tokens), {examples.eval} more held out for the eval loss" in md
+    assert "36" not in trained and "33" not in trained
+
+
+def test_an_input_with_a_key_its_producer_does_not_write_is_named_with_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project = fixture_run(tmp_path)
+    path = tmp_path / "data/finetune/metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["examples"]["train_examples"] = metrics["examples"].pop("train")
+    _write(path, metrics)
+    with pytest.raises(ArtifactError, match=r"data/finetune/metrics\.json.*`examples\.train_examples`"):
+        FinetuneMetrics.read(path)
+    result = report(project)
+    assert any("data/finetune/metrics.json" in m and "examples.train_examples" in m for m in result["missing"])
+    assert "LoRA on not available examples" in (tmp_path / "eval/report.md").read_text()
+
+
+def test_main_prints_the_summary_line(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    fixture_run(tmp_path)
+    assert main(["report", "-q"]) == 0
+    assert capsys.readouterr().out == '{"missing":0,"plots":["funnel.png","loss.png","pass_at_1.png"]}\n'

@@ -157,16 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     per_item: dict[str, dict[str, dict[str, float]]] = {}  # arm -> set -> mean-over-seeds per item
     curated_exercises = None
     first_sets: list[str] | None = None  # the base is scored on the held-out set the runs wrote
-    steps: list[str] = []  # the control arms take the curated runs' optimizer steps
+    steps: list[str] = []  # every run after the first (curated, first seed) takes its optimizer steps
     for arm in sorted(opts.arms, key=lambda a: a != "curated"):
         seeds = {}
         runs = []
         for seed in opts.seeds:
             name = f"{arm}-s{seed}"
-            sets, m = ab.finetune(name, [f"finetune.source={arm}", f"finetune.seed={seed}",
-                                         *(steps if arm != "curated" else [])],
+            # Every run after the first takes its optimizer steps: a seed's data order changes the
+            # packing, hence the steps an epoch gives, and the arms compare at equal steps.
+            sets, m = ab.finetune(name, [f"finetune.source={arm}", f"finetune.seed={seed}", *steps],
                                   gguf=seed == opts.seeds[0] and opts.pass_problems >= 0)
-            if arm == "curated" and not steps:
+            if not steps:
                 steps = [f"finetune.max_steps={m['steps']}"]
             scores = ab.nll(name, "finetuned", sets)
             runs.append(scores)

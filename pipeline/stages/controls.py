@@ -23,8 +23,9 @@ import sysconfig
 import time
 from pathlib import Path
 
+from pipeline.core.artifacts import ControlsStats
 from pipeline.core.config import ConfigError, RunConfig, configs_dir
-from pipeline.core.records import iter_jsonl, sha256_text, write_json, write_jsonl
+from pipeline.core.records import iter_jsonl, sha256_text, write_jsonl
 from pipeline.core.schema import require_parsed
 from pipeline.core.snippets import exercise_parsed, extract_functions, iter_python_files, skip_reason
 from pipeline.core.stage import stage_cli, write_resolved_config
@@ -90,9 +91,10 @@ def run_controls(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
         records, info = natural_pool(natural_roots(cc.natural_roots), cc.natural_max, cfg.seed)
     write_jsonl(out_dir / "exercises.jsonl", records)
     write_jsonl(out_dir / "textbooks.jsonl", [])
-    stats = {"arm": cc.arm, "records": len(records), **info, "wall_s": round(time.monotonic() - t0, 2)}
-    write_json(out_dir / "stats.json", stats)
-    return stats
+    stats = ControlsStats.parse({"arm": cc.arm, "records": len(records), **info, "wall_s": round(time.monotonic() - t0, 2)},
+                                out_dir / "stats.json")
+    stats.write(out_dir / "stats.json")
+    return stats.dump()
 
 
 def main(args) -> int:

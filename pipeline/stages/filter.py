@@ -48,11 +48,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from pipeline.core.artifacts import FilterStats
 from pipeline.core.asserts import keep_asserts, observed_assert
 from pipeline.core.config import FilterConfig, RunConfig, configs_dir, to_dict
-from pipeline.core.records import atomic_writer, dumps, iter_jsonl, iter_sharded, write_json
+from pipeline.core.records import atomic_writer, dumps, iter_jsonl, iter_sharded
 from pipeline.core.schema import RECORD_FIELDS, exercise_program, require_parsed
-from pipeline.core.stage import write_resolved_config
+from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.sandbox import Job, Sandbox
 from pipeline.sandbox.asserts import AssertRun, run_asserts
 
@@ -376,16 +377,12 @@ def run_filter(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     elapsed = time.monotonic() - t0
     stats = {**funnel.stats(fc), "isolation": isolation,
              "timing": {"wall_s": round(elapsed, 2), "records_per_s": round(count / max(elapsed, 1e-9), 1)}}
-    write_json(out_dir / "stats.json", stats)
+    FilterStats.parse(stats, out_dir / "stats.json").write(out_dir / "stats.json")
     for path in (out_dir / ".shards").glob("shard-*.jsonl"):
         path.unlink()  # finished: the markers have served their purpose
     return stats
 
 
 def main(args) -> int:
-    from pipeline.core.stage import load_stage_config
-
-    cfg, path = load_stage_config(args)
-    stats = run_filter(cfg, path, progress=not args.quiet)
-    print(dumps({k: {"in": v["in"], "kept": v["kept"]} for k, v in stats.items() if k in ("exercise", "textbook")}))
-    return 0
+    return stage_cli(run_filter, args, lambda stats: {k: {"in": v["in"], "kept": v["kept"]} for k, v in stats.items()
+                                                      if k in ("exercise", "textbook")})

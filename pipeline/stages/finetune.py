@@ -33,8 +33,9 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.core.artifacts import FinetuneMetrics
 from pipeline.core.config import ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
-from pipeline.core.records import write_json, write_jsonl
+from pipeline.core.records import write_jsonl
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.training import (
     TrainingDiverged,
@@ -164,9 +165,7 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     if not ft.enabled:
         done = pass_through(cfg, out_dir) if main else {"enabled": False}
         metrics = {"student": preset.name, **done, "wall_s": round(time.monotonic() - t0, 2)}
-        if main:
-            write_json(out_dir / "metrics.json", metrics)
-        return metrics
+        return write_metrics(out_dir, metrics) if main else metrics
     chosen = [r for r in records if r["kind"] in ft.kinds]
     if not chosen:
         raise ConfigError(f"finetune.kinds={ft.kinds}: {ft.dataset_dir}/train.jsonl holds none of these "
@@ -185,9 +184,14 @@ def run_finetune(cfg: RunConfig, config_path: Path, progress: bool = True, callb
                "phase_one": f"pretrain-{cfg.pretrain.mode}" if cfg.pretrain.enabled else None,
                **{k: v for k, v in metrics.items() if k != "student"},
                "wall_s": round(time.monotonic() - t0, 2)}
-    if main:
-        write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return write_metrics(out_dir, metrics) if main else metrics
+
+
+def write_metrics(out_dir: Path, metrics: dict) -> dict:
+    """metrics.json through its model (a key the model does not know fails here, not in a reader); what it wrote."""
+    model = FinetuneMetrics.parse(metrics, out_dir / "metrics.json")
+    model.write(out_dir / "metrics.json")
+    return model.dump()
 
 
 def main(args) -> int:

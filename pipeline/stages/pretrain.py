@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.artifacts import PretrainMetrics
 from pipeline.core.config import (
     ConfigError,
     FinetuneConfig,
@@ -136,9 +137,7 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     if not pt.enabled:
         if not main:
             return {"enabled": False}
-        metrics = disabled(out_dir, pt.weights_dir)
-        write_json(out_dir / "metrics.json", metrics)
-        return metrics
+        return write_metrics(out_dir, disabled(out_dir, pt.weights_dir))
     preset = load_preset(cfg.finetune.student, root)
     records = [r for r in load_records(Path(cfg.finetune.dataset_dir), "pretrain") if r["kind"] in pt.kinds]
     corpus = load_corpus(pt.extra_corpus)
@@ -182,9 +181,14 @@ def run_pretrain(cfg: RunConfig, config_path: Path, progress: bool = True, callb
     metrics = {"enabled": True, "mode": pt.mode, "kinds": list(pt.kinds),
                "records": counts,
                **metrics, "wall_s": round(time.monotonic() - t0, 2)}
-    if main:
-        write_json(out_dir / "metrics.json", metrics)
-    return metrics
+    return write_metrics(out_dir, metrics) if main else metrics
+
+
+def write_metrics(out_dir: Path, metrics: dict) -> dict:
+    """metrics.json through its model (a key the model does not know fails here, not in a reader); what it wrote."""
+    model = PretrainMetrics.parse(metrics, out_dir / "metrics.json")
+    model.write(out_dir / "metrics.json")
+    return model.dump()
 
 
 def main(args) -> int:

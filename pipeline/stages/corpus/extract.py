@@ -14,8 +14,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipeline.core.artifacts import CorpusPoolStats
 from pipeline.core.config import CorpusConfig
-from pipeline.core.records import atomic_writer, dumps, iter_sharded, sha256_text, write_json
+from pipeline.core.records import atomic_writer, dumps, iter_sharded, sha256_text
 from pipeline.core.snippets import Snippet, exercise_parsed, extract_snippets, parse_module
 
 POOL_FILES = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
@@ -93,5 +94,5 @@ def run_extract(cc: CorpusConfig, progress: bool) -> dict:
         "timing": {"wall_s": round(time.monotonic() - t0, 2), "shards_reused": reused},
     }
     stats["snippets_total"] = sum(stats["snippets"].values())
-    write_json(out_dir / "stats.json", stats)
+    CorpusPoolStats.parse(stats, out_dir / "stats.json").write(out_dir / "stats.json")
     return stats

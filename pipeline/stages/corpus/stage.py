@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.artifacts import CorpusPoolStats, CorpusSelectStats, DecontaminateStats
 from pipeline.core.config import ConfigError, CorpusConfig, RunConfig, configs_dir, load_preset
 from pipeline.core.records import (
     RecordError,
@@ -22,7 +22,6 @@ from pipeline.core.records import (
     iter_jsonl,
     iter_sharded,
     sha256_text,
-    write_json,
     write_jsonl,
 )
 from pipeline.core.schema import RECORD_FIELDS, exercise_program, require_parsed
@@ -52,17 +51,6 @@ def iter_curated(input_dir: Path) -> Iterator[dict]:
         for rec in iter_jsonl(path, required=RECORD_FIELDS):
             require_parsed(rec, str(path), kind)
             yield rec
-
-
-def _read_stats(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RecordError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _total(value) -> int | None:
-    return sum(value.values()) if isinstance(value, dict) else value
 
 
 def _annotate(cfg: RunConfig, cc: CorpusConfig, root: Path, base: Path, sample: list[tuple[str, str]],
@@ -226,16 +214,18 @@ def run_select(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
                 examples[i] = {"id": rec["id"], "score": s, "path": src.get("path"), "unit": src.get("unit"),
                                "text": text[:EXAMPLE_CHARS] + ("\n# ..." if len(text) > EXAMPLE_CHARS else "")}
 
-    pool = _read_stats(Path(cc.pool_dir) / "stats.json")
-    decon = _read_stats(in_dir / "stats.json")
+    # What the earlier steps wrote (None where a file is missing: its counts are then unknown, not 0).
+    pool = CorpusPoolStats.read_optional(Path(cc.pool_dir) / "stats.json")
+    decon = DecontaminateStats.read_optional(in_dir / "stats.json")
     n_scored = len(scores)
     stats = {
         "enabled": True,
-        "sources": pool.get("sources"),
-        "counts": {"files_read": (pool.get("files") or {}).get("read"), "snippets": pool.get("snippets_total"),
-                   "after_dedupe": _total(decon.get("in")), "after_decontaminate": n_total,
+        "sources": pool.sources if pool else None,
+        "counts": {"files_read": pool.files.read if pool and pool.files else None,
+                   "snippets": pool.snippets_total if pool else None,
+                   "after_dedupe": decon.in_.total if decon else None, "after_decontaminate": n_total,
                    "annotated": ann_stats["annotation"]["rated"], "scored": n_scored, "kept": kept_n},
-        "snippets_by_unit": pool.get("snippets"),
+        "snippets_by_unit": pool.snippets if pool else None,
         **ann_stats,
         "classifier": metrics,
         "selection": {"rule": "threshold" if cc.threshold > 0 else "keep_fraction", "keep_fraction": cc.keep_fraction,
@@ -251,10 +241,11 @@ def run_select(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
                    "embed_per_s": round(n_total / max(embed_wall, 1e-9), 1), "score_s": round(score_s, 4),
                    "score_per_s": round(n_total / max(score_s, 1e-9), 1), "shards_reused": reused},
     }
-    write_json(out_dir / "stats.json", stats)
+    model = CorpusSelectStats.parse(stats, out_dir / "stats.json")
+    model.write(out_dir / "stats.json")
     log.info("corpus: kept %d of %d snippets (held-out precision %s, recall %s, ROC AUC %s)", kept_n, n_scored,
              metrics["precision"], metrics["recall"], metrics["roc_auc"])
-    return stats
+    return model.dump()
 
 
 def disabled(cfg: RunConfig, config_path: Path) -> dict:
@@ -269,7 +260,8 @@ def disabled(cfg: RunConfig, config_path: Path) -> dict:
     for name in names:
         write_jsonl(out_dir / name, [])
     stats = {"enabled": False}
-    write_json(out_dir / "stats.json", stats)
+    model = CorpusPoolStats if cc.step == "extract" else CorpusSelectStats
+    model.parse(stats, out_dir / "stats.json").write(out_dir / "stats.json")
     log.info("corpus: corpus.enabled is false: %s written empty", out_dir)
     return stats
 

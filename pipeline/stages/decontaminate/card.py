@@ -7,7 +7,9 @@ parquet shard); the body gives the teacher and its sampling, a hash of the promp
 templates, the funnel of every stage, token counts, dedupe and decontamination results,
 how to load the data and its known limitations; and, when `stats_by_stage` has a "corpus" entry
 (`decontaminate.card_corpus`), what the natural-code corpus holds (or that it did not run). It holds no timestamps or timings, so the
-same run gives the same bytes. A stage whose stats.json is missing is named "not run".
+same run gives the same bytes. A stage whose stats.json is missing is named "not run". Every stage's stats are read
+through their model (pipeline.core.artifacts); a stage's own dict (decontaminate hands on its stats before it writes
+them) is parsed by it, so a key the model does not know is an error, not a silent "-".
 
     python -c "from pipeline.core.config import load_config; from pathlib import Path; \
 from pipeline.core.stats import read_stage_stats; from pipeline.stages.decontaminate.card import render_card; \
@@ -23,10 +25,18 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.artifacts import (
+    CorpusSelectStats,
+    DecontaminateStats,
+    DedupeStats,
+    FilterStats,
+    GenerateStats,
+)
+from pipeline.core.artifacts.curation import FilterKind
 from pipeline.core.config import RunConfig, configs_dir, load_preset
-from pipeline.core.corpus_stats import code_fence, corpus_status, corpus_summary
+from pipeline.core.corpus_stats import as_corpus_stats, code_fence, corpus_status, corpus_summary
 from pipeline.core.records import atomic_write_text, sha256_text
-from pipeline.core.stats import STAGE_ORDER, funnel_row, total
+from pipeline.core.stats import STAGE_ORDER, StageStats, funnel_row, stage_stats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,14 @@ def prompts_hash(prompts_dir: Path) -> str:
 
 def size_category(n: int) -> str:
     return next((label for bound, label in SIZE_CATEGORIES if n < bound), "n>1B")
+
+
+def stage_models(stats_by_stage: Mapping[str, StageStats | CorpusSelectStats | Mapping | None]) -> dict[str, Any]:
+    """Each stage's stats as its model (None: not run); "corpus" only when given (decontaminate.card_corpus)."""
+    out: dict[str, Any] = {stage: stage_stats(stage, stats_by_stage.get(stage)) for stage in STAGE_ORDER}
+    if "corpus" in stats_by_stage:
+        out["corpus"] = as_corpus_stats(stats_by_stage["corpus"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,80 +137,86 @@ def _teacher_section(cfg: RunConfig, config_path: Path) -> list[str]:
     return lines
 
 
-def _assert_policy_effect(fc, ex: Mapping) -> str:
+def _assert_policy_effect(fc, ex: FilterKind | None) -> str:
     if fc.assert_policy == "all":
         return "every assert must pass"
-    dropped = (f"{_num(ex.get('kept_with_dropped_asserts', 0))} exercise(s) kept with "
-               f"{_num(ex.get('asserts_dropped', 0))} assert(s) dropped (kept in `dropped_asserts`)")
+
+    def count(name: str) -> int:
+        return (getattr(ex, name) if ex is not None else None) or 0
+
+    dropped = (f"{_num(count('kept_with_dropped_asserts'))} exercise(s) kept with "
+               f"{_num(count('asserts_dropped'))} assert(s) dropped (kept in `dropped_asserts`)")
     if fc.assert_policy == "drop_failing":
         return (f"a solution failing at most {fc.max_dropped_fraction:.0%} of its asserts (AssertionError only) is "
                 f"kept with them removed if >= {fc.min_kept_asserts} remain that a `pass` body fails: {dropped}")
     return (f"a failing `assert f(x) == y` got the value the solution returned as y, and asserts that made it raise "
             f"were dropped, if >= {fc.min_agreeing_asserts} of the teacher's expected values matched as written and "
             f">= {fc.min_kept_asserts} asserts remain that a `pass` body fails: "
-            f"{_num(ex.get('kept_with_rewritten_asserts', 0))} exercise(s) kept with "
-            f"{_num(ex.get('asserts_rewritten', 0))} expected value(s) rewritten (originals in `rewritten_asserts`); "
+            f"{_num(count('kept_with_rewritten_asserts'))} exercise(s) kept with "
+            f"{_num(count('asserts_rewritten'))} expected value(s) rewritten (originals in `rewritten_asserts`); "
             f"{dropped}. The tests of these exercises record what the code does, not an independent check of it")
 
 
-def _curation_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
+def _curation_section(cfg: RunConfig, stats: Mapping[str, Any]) -> list[str]:
     """The curation policies by config key, with what each did in this release."""
     gen, fc = cfg.generate, cfg.filter
-    repair = (stats_by_stage.get("generate") or {}).get("repair") or {}
-    ex = (stats_by_stage.get("filter") or {}).get("exercise") or {}
+    generated: GenerateStats | None = stats["generate"]
+    filtered: FilterStats | None = stats["filter"]
+    deduped: DedupeStats | None = stats["dedupe"]
+    repair = generated.repair if generated else None
+    ex = filtered.exercise if filtered else None
     rows = [
         ["`generate.repair_rounds`", gen.repair_rounds,
          (f"an exercise whose asserts failed in the sandbox went back to the teacher with each failing assert and "
-          f"the values seen: {_num(repair.get('requests', 0))} repair request(s), "
-          f"{_num(repair.get('exercises_repaired', 0))} exercise(s) improved") if gen.repair_rounds else "off"],
+          f"the values seen: {_num(repair.requests if repair else 0)} repair request(s), "
+          f"{_num(repair.exercises_repaired if repair else 0)} exercise(s) improved") if gen.repair_rounds else "off"],
         ["`filter.assert_policy`", fc.assert_policy, _assert_policy_effect(fc, ex)],
         ["`filter.check_vacuous_tests`", fc.check_vacuous_tests,
          "tests that also pass with the body replaced by `pass` are dropped" if fc.check_vacuous_tests else "off"],
     ]
     lines = ["## Curation policies", "", *_table(["key", "value", "what it did"], rows)]
-    cov = (stats_by_stage.get("generate") or {}).get("coverage") or {}
-    rates = ((stats_by_stage.get("dedupe") or {}).get("exercise") or {}).get("duplicate_rate_per_1000")
-    if cov.get("topic_subtopic_pairs_available"):
-        lines += ["", f"Diversity: the prompts used {_num(cov['distinct_topic_subtopic_pairs'])} of the "
-                  f"{_num(cov['topic_subtopic_pairs_available'])} topic x subtopic pairs of `{gen.topics_file}`"
+    cov = generated.coverage if generated else None
+    rates = deduped.exercise.duplicate_rate_per_1000 if deduped else None
+    if cov and cov.topic_subtopic_pairs_available:
+        lines += ["", f"Diversity: the prompts used {_num(cov.distinct_topic_subtopic_pairs)} of the "
+                  f"{_num(cov.topic_subtopic_pairs_available)} topic x subtopic pairs of `{gen.topics_file}`"
                   + (f"; share of exercises removed as duplicates per 1,000 in generation order: "
                      f"{', '.join(f'{r:.1%}' for r in rates)}" if rates else "") + "."]
     return lines
 
 
-def _funnel_section(stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
+def _funnel_section(stats: Mapping[str, Any]) -> list[str]:
     rows, notes = [], []
     for stage in STAGE_ORDER:
-        row = funnel_row(stage, stats_by_stage.get(stage))
+        row = funnel_row(stage, stats[stage])
         if row["status"] == "not run":
             rows.append([stage, "not run", "-", "-", "-"])
             continue
         reasons = "; ".join(f"{k}: {v:,}" for k, v in row["reasons"].items()) or "-"
         rows.append([stage, row["in"], row["kept"], row["removed"], reasons])
         if row["kept_by_kind"]:
-            kinds = ", ".join(f"{k}: {_num(total(v))}" for k, v in sorted(row["kept_by_kind"].items()))
+            kinds = ", ".join(f"{k}: {_num(v)}" for k, v in sorted(row["kept_by_kind"].items()))
             notes.append(f"- {stage} kept by kind: {kinds}")
     return ["## Funnel", "", "Records into and out of every stage (generate's 'in' is the prompts sent).", "",
             *_table(["stage", "in", "kept", "removed", "removed by reason / signal"], rows), "", *notes]
 
 
-def _tokens_section(stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
-    gen, dec = stats_by_stage.get("generate"), stats_by_stage.get("decontaminate") or {}
+def _tokens_section(stats: Mapping[str, Any]) -> list[str]:
+    gen: GenerateStats | None = stats["generate"]
+    dec: DecontaminateStats | None = stats["decontaminate"]
     rows = []
-    if gen:
-        tokens = gen.get("tokens") or {}
-        rows += [["teacher prompt tokens (all requests)", tokens.get("prompt")],
-                 ["teacher completion tokens (all requests)", tokens.get("completion")],
-                 ["teacher cost (USD)", gen.get("cost_usd")]]
+    if gen is not None:
+        rows += [["teacher prompt tokens (all requests)", gen.tokens.prompt],
+                 ["teacher completion tokens (all requests)", gen.tokens.completion],
+                 ["teacher cost (USD)", gen.cost_usd]]
     else:
         rows.append(["teacher usage", "generate not run"])
-    dec_tokens = dec.get("tokens") or {}
-    rows += [["teacher completion tokens of the released records", dec_tokens.get("completion_tokens")],
-             ["whitespace words in `text`", dec_tokens.get("text_words")]]
+    rows += [["teacher completion tokens of the released records", dec.tokens.completion_tokens if dec else None],
+             ["whitespace words in `text`", dec.tokens.text_words if dec else None]]
     return ["## Token counts", "", *_table(["what", "count"], rows)]
 
 
-def _dedupe_section(cfg: RunConfig, stats: Mapping | None) -> list[str]:
+def _dedupe_section(cfg: RunConfig, stats: DedupeStats | None) -> list[str]:
     d = cfg.dedupe
     lines = ["## Deduplication", ""]
     if stats is None:
@@ -207,9 +231,8 @@ def _dedupe_section(cfg: RunConfig, stats: Mapping | None) -> list[str]:
     return lines
 
 
-def _decontamination_section(cfg: RunConfig, stats: Mapping) -> list[str]:
+def _decontamination_section(cfg: RunConfig, stats: DecontaminateStats | None) -> list[str]:
     dc = cfg.decontaminate
-    he = stats.get("humaneval") or {}
     signals = [f"word {dc.ngram_size}-gram shared with a problem's prompt + canonical solution (phi-1)",
                f"word {dc.candidate_ngram_size}-gram candidates confirmed when difflib's matching blocks cover "
                f">= {dc.difflib_threshold} of the problem's prompt or solution (cosmopedia)",
@@ -221,33 +244,33 @@ def _decontamination_section(cfg: RunConfig, stats: Mapping) -> list[str]:
                    f"{dc.functional_candidates or 'all'} most similar problems of a compatible signature; a function "
                    "that fails a problem's tests is a different task, and the text signals do not count that problem"
                    if dc.functional else "behaviour (functional signal): off")
-    by_signal = stats.get("removed_by_signal") or {}
-    removed_ids = stats.get("removed_task_ids") or []
+    by_signal = stats.removed_by_signal if stats else {}
+    removed_ids = stats.removed_task_ids if stats else []
     lines = ["## Decontamination against HumanEval", "",
              "Every record was compared with the 164 HumanEval problems; a record over any threshold was removed:", "",
              *[f"- {s}" for s in signals], "",
              *_table(["signal", "records removed"], [[s, n] for s, n in by_signal.items()]), "",
-             f"Removed {_num(total(stats.get('removed')))} record(s), matching {len(removed_ids)} distinct problem(s)"
-             + (f": {', '.join(removed_ids)}" if removed_ids else "") + "."
+             f"Removed {_num(stats.removed.total if stats else None)} record(s), matching {len(removed_ids)} distinct "
+             "problem(s)" + (f": {', '.join(removed_ids)}" if removed_ids else "") + "."
              + (f" Kept because their function fails the tests of the problem a text signal pointed to: "
-                f"{stats['kept_by_behaviour']}." if stats.get("kept_by_behaviour") else ""), ""]
-    similar = he.get("similar_at_tau") or {}
-    if similar:
+                f"{stats.kept_by_behaviour}." if stats and stats.kept_by_behaviour else ""), ""]
+    he = stats.humaneval if stats else None
+    if he and he.similar_at_tau:
         lines += [f"Closest released record per problem (`humaneval_similarity.json` in `{dc.output_dir}/`): highest "
-                  f"tau {he.get('max_ast_tau')}. Problems with a released record at or above each tau (or a released "
+                  f"tau {he.max_ast_tau}. Problems with a released record at or above each tau (or a released "
                   "look-alike that a text signal flagged and its behaviour kept), for the similar / non-similar "
                   "split of pass@1 (phi-1, Table 3):", "",
                   *_table(["tau", "similar", "non-similar"],
-                          [[lvl, n, he.get("problems", 164) - n] for lvl, n in similar.items()])]
+                          [[lvl, n, he.problems - n] for lvl, n in he.similar_at_tau.items()])]
     return lines
 
 
-def _corpus_section(cfg: RunConfig, stats: Mapping | None) -> list[str]:
+def _corpus_section(cfg: RunConfig, stats: CorpusSelectStats | None) -> list[str]:
     """The natural-code corpus (the corpus stage): not rows of this dataset, the other half of phi-1's data."""
     lines = ["## Natural code corpus (phi-1's filtered half)", ""]
     status = corpus_status(stats, cfg)
-    if status is not None:
-        return lines + [status]
+    if stats is None or status is not None:  # not run, or not built
+        return lines + [status or ""]
     s = corpus_summary(stats, cfg)
     lines += [s["summary"] + " These snippets are not rows of this dataset.", ""]
     for key in ("counts", "teacher", "classifier"):
@@ -272,7 +295,7 @@ def _load_section(cfg: RunConfig) -> list[str]:
             "`subtopic`, `audience`, `difficulty`, `model`. Rows are sorted by `id`."]
 
 
-def _limitations_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | None]) -> list[str]:
+def _limitations_section(cfg: RunConfig, stats: Mapping[str, Any]) -> list[str]:
     items = [
         "Written by a teacher LLM: solutions and tests can be wrong; the tests are the teacher's own.",
         "Exercise `text` is the function alone: imports and helper functions the teacher wrote are not in it.",
@@ -288,20 +311,22 @@ def _limitations_section(cfg: RunConfig, stats_by_stage: Mapping[str, Mapping | 
     ]
     if not cfg.decontaminate.functional:
         items.append("The behaviour signal was off: problems rewritten with another algorithm may remain.")
-    missing = [s for s in STAGE_ORDER[:-1] if stats_by_stage.get(s) is None]
+    missing = [s for s in STAGE_ORDER[:-1] if stats[s] is None]
     if missing:
         items.append(f"Stage(s) not run for this release: {', '.join(missing)}.")
     return ["## Known limitations", "", *[f"- {i}" for i in items]]
 
 
-def render_card(cfg: RunConfig, config_path: Path, stats_by_stage: Mapping[str, Mapping | None]) -> str:
-    """The card's text: a pure function of the config and the stats (no clock, no environment)."""
-    dec = stats_by_stage.get("decontaminate") or {}
-    dataset = dec.get("dataset") or {}
-    n_rows = int(dataset.get("rows", total(dec.get("kept")) or 0))
-    kinds = dec.get("kept") if isinstance(dec.get("kept"), Mapping) else {}
+def render_card(cfg: RunConfig, config_path: Path,
+                stats_by_stage: Mapping[str, StageStats | CorpusSelectStats | Mapping | None]) -> str:
+    """The card's text: a pure function of the config and the stats (no clock, no environment). `stats_by_stage`:
+    each stage's stats (its model, or the dict its producer writes), None or absent for a stage not run."""
+    stats = stage_models(stats_by_stage)
+    dec: DecontaminateStats | None = stats["decontaminate"]
+    n_rows = dec.dataset.rows if dec else 0
+    kinds = dict(dec.kept.items()) if dec else {}
     steps = [what for stage, what in (("filter", "filtered by running each exercise's own tests"),
-                                      ("dedupe", "deduplicated")) if stats_by_stage.get(stage) is not None]
+                                      ("dedupe", "deduplicated")) if stats[stage] is not None]
     steps.append("decontaminated against HumanEval")
     summary = (f"{n_rows:,} rows ({', '.join(f'{_num(v)} {k}s' for k, v in sorted(kinds.items()))}) of synthetic "
                "Python textbook sections and function exercises, generated with the recipe of "
@@ -311,20 +336,21 @@ def render_card(cfg: RunConfig, config_path: Path, stats_by_stage: Mapping[str, 
     sections = [
         [f"<!-- {GENERATED_NOTE} -->", "", f"# {cfg.decontaminate.card_name}", "", summary],
         _teacher_section(cfg, config_path),
-        _curation_section(cfg, stats_by_stage),
-        _funnel_section(stats_by_stage),
-        _tokens_section(stats_by_stage),
-        _dedupe_section(cfg, stats_by_stage.get("dedupe")),
+        _curation_section(cfg, stats),
+        _funnel_section(stats),
+        _tokens_section(stats),
+        _dedupe_section(cfg, stats["dedupe"]),
         _decontamination_section(cfg, dec),
-        *([_corpus_section(cfg, stats_by_stage["corpus"])] if "corpus" in stats_by_stage else []),
+        *([_corpus_section(cfg, stats["corpus"])] if "corpus" in stats else []),
         _load_section(cfg),
-        _limitations_section(cfg, stats_by_stage),
+        _limitations_section(cfg, stats),
     ]
-    columns = list(dataset.get("columns") or [])
+    columns = list(dec.dataset.columns) if dec else []
     return card_header(cfg, n_rows, columns) + "\n" + "\n\n".join("\n".join(s) for s in sections) + "\n"
 
 
-def write_card(cfg: RunConfig, config_path: Path, stats_by_stage: Mapping[str, Mapping | None], out_path: Path) -> str:
+def write_card(cfg: RunConfig, config_path: Path,
+               stats_by_stage: Mapping[str, StageStats | CorpusSelectStats | Mapping | None], out_path: Path) -> str:
     """Render the card and write it atomically; returns its text."""
     text = render_card(cfg, config_path, stats_by_stage)
     atomic_write_text(out_path, text)

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.core.artifacts import DedupeStats
 from pipeline.core.config import RunConfig, configs_dir
-from pipeline.core.records import RecordError, atomic_writer, dumps, write_json
+from pipeline.core.records import RecordError, atomic_writer, dumps
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.stages.dedupe.decide import Outcome, decide_kind
 from pipeline.stages.dedupe.index import Index, Params, index_file
@@ -129,7 +130,7 @@ def run_dedupe(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
                    # How much a killed run's shards saved this one (0 on a clean run).
                    "resumed": {kind: outcomes[kind].resumed for kind in KINDS}},
     }
-    write_json(out_dir / "stats.json", stats)
+    DedupeStats.parse(stats, out_dir / "stats.json").write(out_dir / "stats.json")
     log.info("dedupe: kept %s, removed %s (bands=%d rows=%d) in %.1fs",
              stats["kept"], stats["removed"], bands, rows, wall)
     return stats

@@ -6,19 +6,18 @@ and the highest- and lowest-scored snippets; one line when the corpus did not ru
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
+from pipeline.core.artifacts import CorpusSelectStats
 from pipeline.core.config import RunConfig
 from pipeline.core.corpus_stats import corpus_status, corpus_summary
 from pipeline.stages.report.blocks import Block, code, heading, para, table
 
 
-def corpus_section(cfg: RunConfig, stats: Mapping | None) -> list[Block]:
+def corpus_section(cfg: RunConfig, stats: CorpusSelectStats | None) -> list[Block]:
     """`stats`: the corpus stage's stats.json (`{corpus.output_dir}/stats.json`), None when absent."""
     blocks: list[Block] = [heading(2, "Natural code corpus (phi-1's filtered half)")]
     status = corpus_status(stats, cfg)
-    if status is not None:
-        return blocks + [para(status)]
+    if stats is None or status is not None:  # not run, or not built
+        return blocks + [para(status or "")]
     s = corpus_summary(stats, cfg)
     blocks.append(para(s["summary"]))
     blocks += [table(*s[key]) for key in ("counts", "teacher", "classifier")]

@@ -7,9 +7,11 @@ write_ablation_report(json.load(open('eval/ablation/metrics.json')), __import__(
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.artifacts import HumanEvalMetrics, HumanEvalSimilarity, PerProblem
 from pipeline.core.records import atomic_write_text
 from pipeline.core.significance import paired_comparison
 from pipeline.stages.report.blocks import Block, _plt, _png, bullets, heading, image, para, render, table
@@ -25,9 +27,15 @@ def _ci(ci: list[float]) -> str:
     return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
-def likelihood_section(he: dict, per_problem: dict | None, similarity: dict | None) -> list[Block]:
-    """The run's NLL figures: per model and item set, each phase against the one before, and the Table-3 split."""
-    lk = he.get("likelihood")
+def likelihood_section(he: HumanEvalMetrics | Mapping | None, per_problem: PerProblem | Mapping | None,
+                       similarity: HumanEvalSimilarity | None) -> list[Block]:
+    """The run's NLL figures: per model and item set, each phase against the one before, and the Table-3 split.
+    `he` is HumanEval's section of the evaluate stage's metrics (a dict, as run_evaluate returns it, is parsed)."""
+    if isinstance(he, Mapping):
+        he = HumanEvalMetrics.model_validate(he)
+    if isinstance(per_problem, Mapping):
+        per_problem = PerProblem.parse(per_problem, "per_problem")
+    lk = he.likelihood if he is not None else None
     blocks: list[Block] = [heading(2, "Likelihood of the canonical solutions (NLL)")]
     if not lk:
         return blocks + [para("Not measured in this run (`evaluate.likelihood: false`).")]
@@ -39,15 +47,16 @@ def likelihood_section(he: dict, per_problem: dict | None, similarity: dict | No
     rows, cmp_rows = [], []
     for set_name, entry in lk.items():
         label = "held-out curated exercises" if set_name == "heldout" else set_name
+        summaries = entry.models()
         for model in LABELS:
-            if model in entry:
-                s = entry[model]
-                rows.append([label, LABELS[model], s["items"], f"{s['nll_per_token']:.4f}",
-                             f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]", f"{s['bits_per_byte']:.4f}"])
-        for name, c in entry.get("comparisons", {}).items():
+            if model in summaries:
+                s = summaries[model]
+                rows.append([label, LABELS[model], s.items, f"{s.nll_per_token:.4f}",
+                             f"[{s.ci95[0]:.4f}, {s.ci95[1]:.4f}]", f"{s.bits_per_byte:.4f}"])
+        for name, c in entry.comparisons.items():
             b, a = name.split("_vs_")
-            cmp_rows.append([label, f"{LABELS[b]} - {LABELS[a]}", c["n"], f"{c['delta']:+.4f}", _ci(c["ci95"]),
-                             _p(c["p_value"]), _p(c["wilcoxon_p"]), f"{c['lower']} / {c['higher']}"])
+            cmp_rows.append([label, f"{LABELS[b]} - {LABELS[a]}", c.n, f"{c.delta:+.4f}", _ci(c.ci95),
+                             _p(c.p_value), _p(c.wilcoxon_p), f"{c.lower} / {c.higher}"])
     blocks.append(table(["items", "model", "n", "nats/token", "95% CI", "bits/byte"], rows))
     if cmp_rows:
         blocks.append(table(["items", "difference", "n", "mean delta", "95% CI", "p (sign-flip)", "p (Wilcoxon)",
@@ -56,20 +65,21 @@ def likelihood_section(he: dict, per_problem: dict | None, similarity: dict | No
     return blocks
 
 
-def _split_rows(per_problem: dict | None, similarity: dict | None) -> list[Block]:
+def _split_rows(per_problem: PerProblem | None, similarity: HumanEvalSimilarity | None) -> list[Block]:
     """fine-tuned - base on problems similar / non-similar to the kept training data (phi-1 Table 3 style)."""
-    if not per_problem or not similarity:
+    if per_problem is None or similarity is None:
         return []
-    results = {r["task_id"]: r for r in per_problem.get("results", [])}
-    values = {m: {t: r[m]["likelihood"]["nll_per_token"] for t, r in results.items()
-                  if "likelihood" in (r.get(m) or {})} for m in ("base", "finetuned")}
+    results = per_problem.by_task()
+    values = {m: {t: score.likelihood.nll_per_token for t, r in results.items()
+                  if (score := r.model(m)) is not None and score.likelihood is not None}
+              for m in ("base", "finetuned")}
     if not values["base"] or not values["finetuned"]:
         return []
     rows = []
-    for level, groups in sorted((similarity.get("tau_levels") or {}).items(), key=lambda kv: -float(kv[0])):
+    for level, groups in sorted(similarity.tau_levels.items(), key=lambda kv: -float(kv[0])):
         row: list[Any] = [level]
-        for key in ("similar", "non_similar"):
-            ids = [t for t in groups.get(key, []) if t in values["base"] and t in values["finetuned"]]
+        for ids in (groups.similar, groups.non_similar):
+            ids = [t for t in ids if t in values["base"] and t in values["finetuned"]]
             if len(ids) < 3:
                 row += [len(ids), "-", "-"]
                 continue

@@ -97,6 +97,7 @@ class OurRun:
     train_tokens: int | None
     problems: int
     problems_total: int = 164
+    eval_examples: int | None = None  # held out of training for the eval loss (finetune's examples.eval)
 
 
 def differences(ref: Reference, ours: OurRun) -> str:
