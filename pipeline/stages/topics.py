@@ -33,7 +33,6 @@ import hashlib
 import logging
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from pipeline.core.config import (
     to_dict,
 )
 from pipeline.core.records import atomic_write_text, dumps, sha256_text
-from pipeline.core.stage import write_resolved_config
+from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.llm import LLMError, LLMRequest, LLMResult, LLMSession, RequestCache, resolve_api_key
 from pipeline.engines.servers import serve
 
@@ -277,14 +276,7 @@ def run_topics(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
 
 
 def main(args) -> int:
-    from pipeline.core.stage import load_stage_config
-
-    cfg, path = load_stage_config(args)
-    try:
-        stats = run_topics(cfg, path, progress=not args.quiet)
-    except LLMError as exc:  # transport failures past max_failed_fraction, or an answer no retry can fix
-        print(f"textbook topics: error: {exc}", file=sys.stderr)
-        return 1
-    print(dumps({k: stats[k] for k in ("output", "version", "subtopics", "added", "dropped_duplicates",
-                                       "dropped_invalid", "failed_requests", "not_attempted")}))
-    return 0
+    # Transport failures past max_failed_fraction, or an answer no retry can fix: one line, exit status 1.
+    return stage_cli(run_topics, args, lambda stats: {k: stats[k] for k in (
+        "output", "version", "subtopics", "added", "dropped_duplicates", "dropped_invalid", "failed_requests",
+        "not_attempted")}, {LLMError: ("topics failed", 1)})

@@ -37,6 +37,7 @@ from pipeline.core.config import RunConfig, configs_dir, load_preset
 from pipeline.core.corpus_stats import as_corpus_stats, code_fence, corpus_status, corpus_summary
 from pipeline.core.records import atomic_write_text, sha256_text
 from pipeline.core.stats import STAGE_ORDER, StageStats, funnel_row, stage_stats
+from pipeline.engines import versions as _versions  # noqa: F401  (the teacher's identity() needs the engine versions)
 
 log = logging.getLogger(__name__)
 
