@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.artifacts import DecontaminateStats, HumanEvalSimilarity
 from pipeline.core.config import RunConfig, configs_dir
 from pipeline.core.corpus_stats import read_corpus_stats
-from pipeline.core.records import atomic_write_text, write_json, write_jsonl
+from pipeline.core.records import atomic_write_text, write_jsonl
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.core.stats import read_stage_stats
 from pipeline.stages.decontaminate.card import write_card
@@ -64,7 +65,7 @@ def run_decontaminate(cfg: RunConfig, config_path: Path, progress: bool = True) 
     write_jsonl(out_dir / "textbooks.jsonl", [r for r in kept if r["kind"] == "textbook"])
     write_jsonl(out_dir / "removed.jsonl", removed)
     similarity = similarity_report(problems, scores, kept_mask, [r["id"] for r in records], dc)
-    write_json(out_dir / "humaneval_similarity.json", similarity)
+    HumanEvalSimilarity.parse(similarity, out_dir / "humaneval_similarity.json").write(out_dir / "humaneval_similarity.json")
 
     td = time.monotonic()
     rows = [dataset_row(r) for r in kept]
@@ -99,7 +100,7 @@ def run_decontaminate(cfg: RunConfig, config_path: Path, progress: bool = True) 
     # The dataset folder is a complete Hugging Face dataset repo: the card's `configs` map its files.
     atomic_write_text(Path(dc.dataset_dir) / "README.md", card)
     stats["timing"] = {**timing, "wall_s": round(time.monotonic() - t0, 2)}
-    write_json(out_dir / "stats.json", stats)
+    DecontaminateStats.parse(stats, out_dir / "stats.json").write(out_dir / "stats.json")
     log.info("decontaminate: kept %s, removed %s (%s)", stats["kept"], stats["removed"], stats["removed_by_signal"])
     return stats
 

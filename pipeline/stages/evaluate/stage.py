@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.artifacts import EvalMetrics, PerProblem
 from pipeline.core.config import RunConfig, configs_dir, load_preset
-from pipeline.core.records import write_json, write_jsonl
+from pipeline.core.records import write_jsonl
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.llm import LLMError, RequestCache
 from pipeline.sandbox import Sandbox
@@ -132,11 +133,13 @@ def run_evaluate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
                     "harness_errors": errors, "isolation": isolation, "flags": flags}
     he["timing"] = {**timing, "wall_s": round(time.monotonic() - t_start, 3)}
     first = per_problem_files.pop("humaneval")
-    write_json(out_dir / "per_problem.json", {
+    # Written through their typed models: a key the report would not read fails here, not there.
+    PerProblem.parse({
         **first, "samples_per_problem": ev.n_samples, "models": {t.name: t.describe() for t in targets},
         **({"benchmarks": per_problem_files} if per_problem_files else {}),
-        **({"likelihood": nll["per_item"]} if ev.likelihood else {})})
-    write_json(out_dir / "metrics.json", metrics)
+        **({"likelihood": nll["per_item"]} if ev.likelihood else {})}, out_dir / "per_problem.json",
+    ).write(out_dir / "per_problem.json")
+    EvalMetrics.parse(metrics, out_dir / "metrics.json").write(out_dir / "metrics.json")
     for flag in flags:
         log.warning("SANITY FLAG: %s", flag)
     log.info("evaluate: %s", {b.name: {t.name: metrics[b.name][t.name]["pass@1"] for t in targets} for b in benches})

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipeline.core.artifacts import GenerateStats
 from pipeline.core.config import ModelPreset, RunConfig, configs_dir, load_preset
 from pipeline.core.records import dumps, sha256_text, write_json, write_jsonl
 from pipeline.core.schema import ParseError, parse_exercise, parse_textbook, parse_truncated_exercise
@@ -202,7 +203,7 @@ def run_generate(cfg: RunConfig, config_path: Path, progress: bool = True) -> di
         "coverage": {k: v for k, v in cov.items() if k != "space"},
         "timing": {"wall_s": round(elapsed, 2), "server_start_s": round(session.server_start_s, 2)},
     }
-    write_json(out_dir / "stats.json", stats)
+    GenerateStats.parse(stats, out_dir / "stats.json").write(out_dir / "stats.json")
     if budget_hit:
         log.warning("budget of $%s reached: %d request(s) not sent; partial results kept",
                     gen.client.budget_usd, stats["not_attempted"])
