@@ -21,6 +21,8 @@ from pipeline.core.records import RecordError
 CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
 
 KINDS = ("exercise", "textbook")
+# Where each kind lives in a stage's output folder (generate, filter, dedupe, decontaminate, the pools).
+KIND_FILES = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
 RECORD_FIELDS = ("id", "kind", "parsed")
 # Fields under `parsed` per kind, with their types: a record without them cannot be curated.
 PARSED_FIELDS: dict[str, dict[str, type]] = {

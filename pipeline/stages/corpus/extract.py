@@ -17,9 +17,10 @@ from pathlib import Path
 from pipeline.core.artifacts import CorpusPoolStats
 from pipeline.core.config import CorpusConfig
 from pipeline.core.records import atomic_writer, dumps, iter_sharded, sha256_text
+from pipeline.core.schema import KIND_FILES
 from pipeline.core.snippets import Snippet, exercise_parsed, extract_snippets, parse_module
 
-POOL_FILES = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
+POOL_FILES = KIND_FILES  # the pool dedupe and decontaminate read
 EXTRACT_VERSION = 1  # bump when a snippet's record changes: old shards then match nothing
 
 

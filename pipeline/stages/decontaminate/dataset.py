@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.records import RecordError, atomic_path, read_jsonl, write_jsonl
-from pipeline.core.schema import RECORD_FIELDS, exercise_program, exercise_prompt, require_parsed
+from pipeline.core.schema import KIND_FILES, RECORD_FIELDS, exercise_program, exercise_prompt, require_parsed
 
-KINDS = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
+KINDS = KIND_FILES  # the input files, by kind
 DATASET_COLUMNS = ("id", "kind", "text", "prompt", "completion", "tests", "topic", "subtopic", "audience",
                    "difficulty", "model")
 PARQUET_SHARD = "data/train-00000-of-00001.parquet"

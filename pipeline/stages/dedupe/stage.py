@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pipeline.core.artifacts import DedupeStats
 from pipeline.core.config import RunConfig, configs_dir
 from pipeline.core.records import RecordError, atomic_writer, dumps
+from pipeline.core.schema import KIND_FILES, KINDS
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.stages.dedupe.decide import Outcome, decide_kind
 from pipeline.stages.dedupe.index import Index, Params, index_file
@@ -35,8 +36,7 @@ from pipeline.stages.dedupe.workers import Workers, cores
 
 log = logging.getLogger(__package__)  # pipeline.stages.dedupe, as before the package was split
 
-KINDS = ("exercise", "textbook")
-INPUT_FILES = {"exercise": "exercises.jsonl", "textbook": "textbooks.jsonl"}
+INPUT_FILES = KIND_FILES
 REMOVED_FILE = "removed.jsonl"
 SHARDS_DIR = ".shards"  # work in progress, under output_dir: what a killed run resumes from
 
