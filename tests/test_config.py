@@ -128,8 +128,8 @@ def test_showcase_script_resolves_and_keeps_its_outputs_apart():
              (cfg.decontaminate.input_dir, cfg.dedupe.output_dir), (cfg.finetune.dataset_dir, cfg.decontaminate.dataset_dir)]
     assert all(a == b for a, b in chain)
     stages = re.search(r"STAGES=\((.*?)\)", (REPO / "tools/showcase.sh").read_text()).group(1).split()
-    assert stages == ["generate", "filter", "dedupe", "decontaminate", "controls", "pretrain", "finetune", "evaluate",
-                      "report"]
+    assert stages == ["generate", "filter", "dedupe", "decontaminate", "controls", "corpus", "pretrain", "finetune",
+                      "evaluate", "report"]
     # The rejected arm's pool, dedupe and decontaminate write under data/showcase/ and read the showcase's filter.
     assert cfg.controls.output_dir == "data/showcase/controls"
     assert cfg.controls.rejected_input == "data/showcase/filter/rejected.jsonl"

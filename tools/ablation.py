@@ -1,15 +1,19 @@
 """The ablation: does the curated data teach, against controls at equal training tokens?
 
 Arms (`finetune.source`): curated, rejected (the filter's rejects, same prompts and teacher),
-natural (documented stdlib functions), each sampled to the curated set's target tokens, each
-trained with the same steps, LoRA config and `--seeds`; plus the untrained base, a dose-response
-of curated exercises (`--dose`: seeded nested samples), and phase 1 (textbooks) on / off.
+natural (documented stdlib functions), and with `--arms ... corpus corpus_filtered` the corpus
+stage's natural code, unfiltered and as its educational-value classifier kept it (both need the
+corpus built under `--data`: `{data}/corpus/unfiltered/`, `{data}/corpus/select/kept.jsonl`); each
+sampled to the curated set's target tokens, each trained with the same steps, LoRA config and
+`--seeds`; plus the untrained base, a dose-response of curated exercises (`--dose`: seeded nested
+samples), and phase 1 (textbooks) on / off.
 
 Primary endpoint, fixed before the numbers: curated vs rejected, mean per-problem NLL (nats/token)
 of HumanEval's 164 canonical solutions given the evaluator's prompt, per-problem values averaged
 over seeds, sign-flip permutation test (two-sided, alpha 0.05). Secondary: curated vs base,
-curated vs natural, the held-out curated exercises, the dose-response trend on log(1 + n), greedy
-pass@1 of one seed per arm (descriptive).
+curated vs natural, curated vs corpus and vs corpus_filtered, corpus_filtered vs corpus (filtered
+against unfiltered natural code at equal tokens), the held-out curated exercises, the dose-response
+trend on log(1 + n), greedy pass@1 of one seed per arm (descriptive).
 
 Every step resumes: training from its checkpoints (the finetune stage), NLL from the score cache
 (one file per weights, adapter and item set), pass@1 from the evaluate request cache. Outputs:
@@ -17,6 +21,7 @@ Every step resumes: training from its checkpoints (the finetune stage), NLL from
 
     .venv/bin/python tools/ablation.py --seeds 0 1 2 --dose 12 24            # the default run's data
     .venv/bin/python tools/ablation.py --set profile=cpu-showcase --data data/showcase --out eval/showcase/ablation
+    .venv/bin/python tools/ablation.py --arms curated rejected natural corpus corpus_filtered   # corpus built
 """
 
 from __future__ import annotations
@@ -34,11 +39,21 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.core.artifacts import (  # noqa: E402
+    AblationMetrics,
+    AblationPerProblem,
+    EvalMetrics,
+    FinetuneMetrics,
+)
 from pipeline.core.config import configs_dir, load_config, load_preset  # noqa: E402
-from pipeline.core.records import write_json  # noqa: E402
 from pipeline.core.significance import paired_comparison, trend_test  # noqa: E402
 
 PRIMARY = "curated_vs_rejected"
+ARMS = ("curated", "rejected", "natural", "corpus", "corpus_filtered")  # finetune.source
+CORPUS_ARMS = ("corpus", "corpus_filtered")
+# (first, second) of every paired comparison, first - second: curated against each other arm, and the corpus
+# filter's own question, filtered against unfiltered natural code at equal tokens.
+COMPARISONS = (*[("curated", other) for other in ("base", *ARMS[1:])], ("corpus_filtered", "corpus"))
 TEXTBOOK = str(REPO / ".venv" / "bin" / "textbook")
 
 
@@ -67,7 +82,14 @@ class Ablation:
     def cfg(self, extra: list[str]):
         return load_config(REPO / "params.yaml", self.base_sets + extra)
 
-    def finetune(self, name: str, extra: list[str], gguf: bool) -> tuple[list[str], dict]:
+    def arm_sets(self, arm: str, seed: int) -> list[str]:
+        """The overrides that make a run of `arm`: its source and seed, and for the corpus arms where the corpus
+        is (only theirs, so the other arms' finished runs keep their keys)."""
+        corpus = [f"finetune.corpus_dir={self.opts.data}/corpus/unfiltered",
+                  f"finetune.corpus_kept={self.opts.data}/corpus/select/kept.jsonl"] if arm in CORPUS_ARMS else []
+        return [f"finetune.source={arm}", f"finetune.seed={seed}", *corpus]
+
+    def finetune(self, name: str, extra: list[str], gguf: bool) -> tuple[list[str], FinetuneMetrics]:
         """Train one run (resumes; a finished run only reloads), returning its overrides and metrics."""
         sets = [f"finetune.output_dir={self.work / name}", f"finetune.export_gguf={str(gguf).lower()}", *extra]
         metrics_path = self.work / name / "metrics.json"
@@ -76,7 +98,7 @@ class Ablation:
         if not (done.is_file() and done.read_text() == key and metrics_path.is_file()):
             run(["textbook", "finetune", "-q", *[a for s in self.base_sets + sets for a in ("--set", s)]])
             done.write_text(key)
-        return sets, json.loads(metrics_path.read_text())
+        return sets, FinetuneMetrics.read(metrics_path)
 
     def nll(self, name: str, target: str, sets: list[str]) -> dict[str, dict[str, float]]:
         """{set: {item id: nats/token}} of a run's model (target base or finetuned)."""
@@ -101,12 +123,17 @@ class Ablation:
         run(["textbook", "evaluate", "-q", *[a for s in self.base_sets + sets + [
             f"evaluate.output_dir={out}", "evaluate.likelihood=false", "evaluate.models=[base,finetuned]",
             f"evaluate.problems={self.opts.pass_problems}"] for a in ("--set", s)]])
-        metrics = json.loads((out / "metrics.json").read_text())
-        he, held = metrics["humaneval"], metrics.get("heldout")
-        return {"base": he["base"]["pass@1"], "finetuned": he["finetuned"]["pass@1"], "subset": he["subset"],
-                "delta": he.get("delta", {}),
-                **({"heldout": {"problems": held["problems"], "base": held["base"]["pass@1"],
-                                "finetuned": held["finetuned"]["pass@1"]}} if held else {})}
+        metrics = EvalMetrics.read(out / "metrics.json")
+        he, held = metrics.humaneval, metrics.heldout
+        return {"base": he.base.pass_at_1, "finetuned": he.finetuned.pass_at_1, "subset": he.subset,
+                "delta": he.delta.model_dump(mode="json", by_alias=True, exclude_unset=True) if he.delta else {},
+                **({"heldout": {"problems": held.problems, "base": held.base.pass_at_1,
+                                "finetuned": held.finetuned.pass_at_1}} if held else {})}
+
+
+def trained_examples(m: FinetuneMetrics) -> int | None:
+    """Examples a run trained on (examples.train: its records less the eval-loss split and any dropped)."""
+    return m.examples.train if m.examples is not None else None
 
 
 def mean_over_seeds(per_seed: list[dict[str, float]]) -> dict[str, float]:
@@ -119,10 +146,10 @@ def avg(values) -> float:
     return sum(values) / len(values)
 
 
-def compare(curated: dict[str, float], other: dict[str, float], ids: list[str] | None = None) -> dict:
-    """curated - other on the same items (negative: curated is better)."""
-    keys = [i for i in (ids if ids is not None else sorted(curated)) if i in curated and i in other]
-    c = paired_comparison([other[k] for k in keys], [curated[k] for k in keys])
+def compare(first: dict[str, float], second: dict[str, float], ids: list[str] | None = None) -> dict:
+    """first - second on the same items (negative: the first is better)."""
+    keys = [i for i in (ids if ids is not None else sorted(first)) if i in first and i in second]
+    c = paired_comparison([second[k] for k in keys], [first[k] for k in keys])
     return {"delta_nll": round(c["delta"], 6), "ci95": [round(x, 6) for x in c["ci95"]],
             "p_value": round(c["p_value"], 6), "wilcoxon_p": None if c["wilcoxon_p"] is None else round(c["wilcoxon_p"], 6),
             "n": c["n"], "problems_lower": c["lower"], "problems_higher": c["higher"], "test": c["test"]}
@@ -137,10 +164,13 @@ def similarity_split(path: Path) -> dict[str, dict[str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default="data", help="The run's data folder (dataset/, controls/, decontaminate/).")
+    ap.add_argument("--data", default="data", help="The run's data folder (dataset/, controls/, decontaminate/, and corpus/ for "
+                    "the corpus arms).")
     ap.add_argument("--out", default="eval/ablation", help="Where metrics.json, report.md and plots go.")
     ap.add_argument("--work", default="data/ablation", help="Adapters and checkpoints of every run.")
-    ap.add_argument("--arms", nargs="+", default=["curated", "rejected", "natural"])
+    ap.add_argument("--arms", nargs="+", default=["curated", "rejected", "natural"], choices=ARMS,
+                    help="finetune.source values to train; corpus and corpus_filtered need the corpus built under "
+                    "--data (dvc.yaml's corpus stages with corpus.enabled=true; docs/corpus.md).")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--dose", nargs="*", type=int, default=[12, 24], help="Curated sample sizes (seed 0).")
     ap.add_argument("--phase1", action="store_true", help="Also the arm phase 1 (textbooks) then curated, seed 0.")
@@ -151,11 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true")
     opts = ap.parse_args(argv)
     ab = Ablation(opts)
+    for arm in [a for a in opts.arms if a in CORPUS_ARMS]:  # a corpus not built fails now, before any training
+        from pipeline.core.config import ConfigError
+        from pipeline.stages.finetune import corpus_records
+
+        try:
+            corpus_records(ab.cfg(ab.arm_sets(arm, opts.seeds[0])).finetune)
+        except ConfigError as exc:
+            ap.error(str(exc))
     t0 = time.monotonic()
 
     arms: dict[str, dict] = {}
     per_item: dict[str, dict[str, dict[str, float]]] = {}  # arm -> set -> mean-over-seeds per item
-    curated_exercises = None
+    curated_exercises = curated_records = None
     first_sets: list[str] | None = None  # the base is scored on the held-out set the runs wrote
     steps: list[str] = []  # every run after the first (curated, first seed) takes its optimizer steps
     for arm in sorted(opts.arms, key=lambda a: a != "curated"):
@@ -165,21 +203,21 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{arm}-s{seed}"
             # Every run after the first takes its optimizer steps: a seed's data order changes the
             # packing, hence the steps an epoch gives, and the arms compare at equal steps.
-            sets, m = ab.finetune(name, [f"finetune.source={arm}", f"finetune.seed={seed}", *steps],
+            sets, m = ab.finetune(name, [*ab.arm_sets(arm, seed), *steps],
                                   gguf=seed == opts.seeds[0] and opts.pass_problems >= 0)
             if not steps:
-                steps = [f"finetune.max_steps={m['steps']}"]
+                steps = [f"finetune.max_steps={m.steps}"]
             scores = ab.nll(name, "finetuned", sets)
             runs.append(scores)
             first_sets = first_sets or sets
             seeds[str(seed)] = {"humaneval_nll": avg(scores["humaneval"].values()),
                                 **({"heldout_nll": avg(scores["heldout"].values())} if scores.get("heldout") else {}),
-                                "records": m.get("records_used"), "steps": m.get("steps"),
-                                "train_loss": m.get("train_loss"), "eval_loss": m.get("eval_loss"),
-                                "target_tokens": (m.get("matched_target_tokens") or {}).get(arm)
-                                or (m.get("examples") or {}).get("target_tokens")}
-            if arm == "curated" and curated_exercises is None:
-                curated_exercises = m.get("records_used")
+                                "records": m.records_used, "steps": m.steps,
+                                "train_loss": m.train_loss, "eval_loss": m.eval_loss,
+                                "target_tokens": (m.matched_target_tokens or {}).get(arm)
+                                or (m.examples.target_tokens if m.examples else None)}
+            if arm == "curated" and curated_records is None:
+                curated_exercises, curated_records = trained_examples(m), m.records_used
         hs = [s["humaneval_nll"] for s in seeds.values()]
         mean = {s: mean_over_seeds([r[s] for r in runs]) for s in runs[0] if all(s in r for r in runs)}
         per_item[arm] = mean
@@ -188,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                      **({"heldout_nll": avg(mean["heldout"].values())} if mean.get("heldout") else {})}
         if opts.pass_problems >= 0:
             arms[arm]["pass_at_1"] = ab.pass_at_1(f"{arm}-s{opts.seeds[0]}", ab.finetune(
-                f"{arm}-s{opts.seeds[0]}", [f"finetune.source={arm}", f"finetune.seed={opts.seeds[0]}",
+                f"{arm}-s{opts.seeds[0]}", [*ab.arm_sets(arm, opts.seeds[0]),
                                              *(steps if arm != "curated" else [])], gguf=True)[0])
 
     base = ab.nll("base", "base", first_sets or [])
@@ -198,28 +236,28 @@ def main(argv: list[str] | None = None) -> int:
 
     split = similarity_split(Path(opts.data) / "decontaminate" / "humaneval_similarity.json")
     comparisons = {}
-    cur = per_item.get("curated")
-    for other in ("base", "rejected", "natural"):
-        if cur is None or other not in per_item:
+    for first, second in COMPARISONS:
+        a, b = per_item.get(first), per_item.get(second)
+        if a is None or b is None:
             continue
-        entry = compare(cur["humaneval"], per_item[other]["humaneval"])
-        if cur.get("heldout") and per_item[other].get("heldout"):
-            entry["heldout"] = compare(cur["heldout"], per_item[other]["heldout"])
-        entry["table3"] = {lvl: {k: compare(cur["humaneval"], per_item[other]["humaneval"], ids)
+        entry = compare(a["humaneval"], b["humaneval"])
+        if a.get("heldout") and b.get("heldout"):
+            entry["heldout"] = compare(a["heldout"], b["heldout"])
+        entry["table3"] = {lvl: {k: compare(a["humaneval"], b["humaneval"], ids)
                                  for k, ids in groups.items() if len(ids) >= 3}
                            for lvl, groups in split.items()}
-        comparisons[f"curated_vs_{other}"] = entry
+        comparisons[f"{first}_vs_{second}"] = entry
 
     dose = {}
     if opts.dose and "curated" in opts.arms:
         points = [(0, arms["base"]["humaneval_nll"])]
-        for n in sorted(opts.dose):
-            if curated_exercises and n >= curated_exercises:
+        for n in sorted(opts.dose):  # n records given (finetune.max_records); the point is the examples trained
+            if curated_records and n >= curated_records:
                 continue
             name = f"curated-n{n}-s{opts.seeds[0]}"
-            sets, _ = ab.finetune(name, ["finetune.source=curated", f"finetune.seed={opts.seeds[0]}",
-                                         f"finetune.max_records={n}"], gguf=False)
-            points.append((n, avg(ab.nll(name, "finetuned", sets)["humaneval"].values())))
+            sets, dm = ab.finetune(name, ["finetune.source=curated", f"finetune.seed={opts.seeds[0]}",
+                                          f"finetune.max_records={n}"], gguf=False)
+            points.append((trained_examples(dm) or n, avg(ab.nll(name, "finetuned", sets)["humaneval"].values())))
         points.append((curated_exercises or 0, arms["curated"]["per_seed"][str(opts.seeds[0])]["humaneval_nll"]))
         trend = trend_test([math.log1p(n) for n, _ in points], [v for _, v in points]) if len(points) >= 3 else None
         dose = {"seed": opts.seeds[0], "points": [{"exercises": n, "humaneval_nll": v} for n, v in points],
@@ -241,16 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"endpoint": "mean per-problem NLL (nats/token) of HumanEval's canonical solutions given the "
                            "evaluator's prompt; per-problem values averaged over seeds",
                "primary": {"comparison": PRIMARY, "test": "sign-flip permutation, two-sided", "alpha": 0.05},
-               "seeds": opts.seeds, "curated_exercises": curated_exercises, "arms": arms,
+               "seeds": opts.seeds, "curated_exercises": curated_exercises, "curated_records": curated_records,
+               "arms": arms,
                "steps": steps[0].split("=")[1] if steps else None,
                "comparisons": comparisons, "dose_response": dose, "phase1": phase1,
                "overrides": ab.sets, "data": opts.data, "wall_s": round(time.monotonic() - t0, 1)}
     ab.out.mkdir(parents=True, exist_ok=True)
-    write_json(ab.out / "metrics.json", metrics)
-    write_json(ab.out / "per_problem.json", {arm: per_item[arm] for arm in per_item})
+    # Through their models: a key the readers (the report, tests/test_artifacts.py) do not know fails here.
+    model = AblationMetrics.parse(metrics, ab.out / "metrics.json")
+    per_problem = AblationPerProblem.parse({arm: per_item[arm] for arm in per_item}, ab.out / "per_problem.json")
+    model.write(ab.out / "metrics.json")
+    per_problem.write(ab.out / "per_problem.json")
     from pipeline.stages.report.likelihood import write_ablation_report
 
-    write_ablation_report(metrics, ab.out)
+    write_ablation_report(model.dump(), ab.out)
     log(f"done in {metrics['wall_s']} s: {ab.out}/metrics.json")
     return 0
 

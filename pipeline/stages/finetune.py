@@ -9,6 +9,10 @@ starts (`pretrain.enabled`, `pretrain.mode`):
   one adapter carries both phases and llama.cpp serves it as before;
 - pretrain `full` or `scratch`: a new LoRA on phase 1's model (`{pretrain.output_dir}/weights/model`).
 
+`finetune.source` trains on a control arm instead, sampled to the curated records' target tokens:
+the filter's rejects, the committed stdlib functions, or the corpus stage's natural code, unfiltered
+(`corpus`) or as its classifier kept it (`corpus_filtered`): :func:`source_records`.
+
 `finetune.enabled: false` passes phase 1's adapter through (pretrain `lora` only), so the
 ablation "textbooks only" is `dvc exp run -S finetune.enabled=false -S pretrain.enabled=true`.
 How the student is trained (the format, packing, checkpoints that resume, the divergence guard):
@@ -35,7 +39,7 @@ from pathlib import Path
 
 from pipeline.core.artifacts import FinetuneMetrics
 from pipeline.core.config import ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
-from pipeline.core.records import write_jsonl
+from pipeline.core.records import RecordError, iter_jsonl, write_jsonl
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.training import (
     TrainingDiverged,
@@ -106,18 +110,70 @@ def target_token_counts(records: list[dict], ft, preset: ModelPreset) -> dict[st
             for r in records}
 
 
+BUILD_CORPUS = "build the corpus first: `dvc repro corpus` with corpus.enabled=true (docs/corpus.md)"
+
+
+def corpus_records(ft) -> tuple[list[dict], dict]:
+    """The corpus arms' records: the exercise-kind records of `finetune.corpus_dir` (documented functions as
+    exercises), for corpus_filtered only those whose ids the classifier kept (`finetune.corpus_kept`)."""
+    if "exercise" not in ft.kinds:
+        raise ConfigError(f"finetune.source={ft.source} trains on the corpus's exercise-kind records, which "
+                          f"finetune.kinds={ft.kinds} leaves out")
+    folder = Path(ft.corpus_dir)
+    path = folder / "train.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"finetune.corpus_dir: {path} not found (finetune.source={ft.source}): {BUILD_CORPUS}")
+    try:
+        records = load_records(folder, "finetune.corpus_dir")
+    except ConfigError as exc:  # empty (the corpus was off) or malformed
+        raise ConfigError(f"{exc} (finetune.source={ft.source}): {BUILD_CORPUS}") from None
+    arm = [r for r in records if r["kind"] == "exercise"]
+    if not arm:
+        raise ConfigError(f"finetune.corpus_dir: {path} holds no exercise-kind records ({len(records)} of other "
+                          f"kinds; finetune.source={ft.source}): {BUILD_CORPUS}")
+    info = {"source_dir": str(folder)}
+    if ft.source == "corpus":
+        return arm, info
+    kept_path = Path(ft.corpus_kept)
+    if not kept_path.is_file():
+        raise ConfigError(f"finetune.corpus_kept: {kept_path} not found (finetune.source=corpus_filtered): "
+                          f"{BUILD_CORPUS}")
+    try:
+        kept = {r["id"] for r in iter_jsonl(kept_path, required=("id", "kind")) if r["kind"] == "exercise"}
+    except RecordError as exc:
+        raise ConfigError(f"finetune.corpus_kept: {exc}") from None
+    if not kept:
+        raise ConfigError(f"finetune.corpus_kept: {kept_path} holds no exercise-kind snippets the classifier kept "
+                          f"(finetune.source=corpus_filtered; an empty file is a corpus stage run with "
+                          f"corpus.enabled=false): {BUILD_CORPUS}")
+    missing = kept - {r["id"] for r in arm}
+    if missing:
+        raise ConfigError(f"finetune.corpus_kept: {len(missing)} of the {len(kept)} kept exercise ids in {kept_path} "
+                          f"(e.g. {min(missing)}) are not in {path}: the two come from different corpus builds; "
+                          "rebuild both with `dvc repro corpus`")
+    return [r for r in arm if r["id"] in kept], {**info, "source_kept": str(kept_path)}
+
+
+def arm_records(ft) -> tuple[list[dict], dict]:
+    """A control arm's records (`finetune.source`, not curated) and where they came from."""
+    if ft.source in ("corpus", "corpus_filtered"):
+        return corpus_records(ft)
+    folder = Path(ft.rejected_dir if ft.source == "rejected" else ft.natural_dir)
+    arm = [r for r in load_records(folder, f"finetune.{ft.source}_dir") if r["kind"] in ft.kinds]
+    if not arm:
+        raise ConfigError(f"finetune.source={ft.source}: {folder}/train.jsonl holds no records of the kinds "
+                          f"{ft.kinds}")
+    return arm, {"source_dir": str(folder)}
+
+
 def source_records(cfg: RunConfig, preset: ModelPreset, curated: list[dict]) -> tuple[list[dict], dict]:
     """The records phase 2 trains on for `finetune.source`, and what was matched: the curated records as
     given, or a control arm sampled to the curated records' target tokens."""
     ft = cfg.finetune
     if ft.source == "curated":
         return curated, {"source": "curated"}
-    folder = Path(ft.rejected_dir if ft.source == "rejected" else ft.natural_dir)
-    arm = [r for r in load_records(folder, f"finetune.{ft.source}_dir") if r["kind"] in ft.kinds]
-    if not arm:
-        raise ConfigError(f"finetune.source={ft.source}: {folder}/train.jsonl holds no records of the kinds "
-                          f"{ft.kinds}")
-    info = {"source": ft.source, "source_dir": str(folder), "source_records": len(arm)}
+    arm, where = arm_records(ft)
+    info = {"source": ft.source, **where, "source_records": len(arm)}
     if not ft.match_tokens:
         return arm, info
     counts = target_token_counts(curated + arm, ft, preset)

@@ -241,14 +241,15 @@ class PerProblem(Artifact):
 
 
 class NllDelta(Section):
-    """curated - other on the same items (negative: curated is better)."""
+    """first - second of a comparison '<first>_vs_<second>' on the same items (negative: the first is better);
+    curated is the first of every comparison but corpus_filtered_vs_corpus."""
 
     delta_nll: Num = F("Mean per-item difference (nats/token).")
     ci95: list[Num] = F("Its bootstrap 95% interval.")
     p_value: Num = F("Sign-flip permutation p-value.")
     wilcoxon_p: Num | None = F("Wilcoxon's p-value.")
     n: int = F("Items.")
-    problems_lower: int = F("Items lower under curated.")
+    problems_lower: int = F("Items lower under the first arm (curated).")
     problems_higher: int = F("Items higher.")
     test: str = F("The test.")
 
@@ -309,7 +310,8 @@ class Trend(Section):
 
 
 class DosePoint(Section):
-    exercises: int = F("Curated exercises trained on.")
+    exercises: int = F("Curated exercises trained on (examples.train; files before the field was read from it: "
+                       "the records given, max_records).")
     humaneval_nll: Num = F("Mean HumanEval NLL.")
 
 
@@ -332,10 +334,14 @@ class AblationMetrics(Artifact):
     endpoint: str = F("The primary endpoint.")
     primary: Primary = F("The primary comparison and test.")
     seeds: list[int] = F("Training seeds.")
-    curated_exercises: int | None = F("Records the curated arm trained on.")
+    curated_exercises: int | None = F("Exercises the curated arm trained on (finetune's examples.train; files "
+                                      "written before curated_records: its records_used).")
+    curated_records: int | None = F("Records given to the curated arm's training (finetune's records_used: the "
+                                    "trained and the eval-loss examples).", None)
     arms: dict[str, Arm] = F("Each arm, and the base.")
     steps: str | None = F("The optimizer steps every arm took.")
-    comparisons: dict[str, ArmComparison] = F("curated against each other arm.")
+    comparisons: dict[str, ArmComparison] = F("'<first>_vs_<second>': curated against each other arm, and "
+                                              "corpus_filtered against corpus (filtered against unfiltered).")
     dose_response: DoseResponse = F("NLL against curated exercises ({} when not run).")
     phase1: PhaseOne | None = F("Phase 1 on / off (None when not run).")
     overrides: list[str] = F("Config overrides of every run.")

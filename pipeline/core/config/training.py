@@ -121,15 +121,26 @@ class FinetuneConfig:
         "of one seed are nested (the first N of one shuffle): the data-volume axis of a "
         "pass@1-against-examples curve.")
     output_dir: StrictStr = Field("data/finetune", description="Adapter, GGUF adapter, checkpoints, metrics.")
-    source: Literal["curated", "rejected", "natural"] = Field(
+    source: Literal["curated", "rejected", "natural", "corpus", "corpus_filtered"] = Field(
         "curated", description="What phase 2 trains on: curated (the dataset), or a control arm at the same "
         "number of target tokens (match_tokens): rejected (the teacher's exercises the filter rejected, "
-        "deduped and decontaminated: isolates curation) or natural (functions with docstrings from the "
-        "Python standard library, formatted as exercises, deduped and decontaminated; a committed file).")
+        "deduped and decontaminated: isolates curation), natural (functions with docstrings from the "
+        "Python standard library, formatted as exercises, deduped and decontaminated; a committed file), "
+        "corpus (the corpus stage's natural code, unfiltered: the exercise-kind records of corpus_dir, "
+        "documented functions as exercises) or corpus_filtered (the same records, only those the "
+        "educational-value classifier kept: corpus_kept). The corpus arms need the corpus built: "
+        "`dvc repro corpus` with corpus.enabled=true.")
     rejected_dir: StrictStr = Field(
         "data/controls/rejected/dataset", description="The rejected arm's dataset folder (train.jsonl).")
     natural_dir: StrictStr = Field(
         "data/controls/natural", description="The natural arm's dataset folder (train.jsonl, committed).")
+    corpus_dir: StrictStr = Field(
+        "data/corpus/unfiltered", description="The corpus and corpus_filtered arms' dataset folder "
+        "(train.jsonl: the corpus's curated snippets, dvc.yaml's decontaminate_corpus); the arms take its "
+        "exercise-kind records.")
+    corpus_kept: StrictStr = Field(
+        "data/corpus/select/kept.jsonl", description="The corpus_filtered arm: the corpus stage's kept "
+        "snippets (dvc.yaml's corpus stage); the arm is the records of corpus_dir whose ids it lists.")
     match_tokens: StrictBool = Field(
         True, description="A control arm is a seeded sample of its records with as many target tokens as the "
         "curated records trained on (the comparison is at equal training tokens).")

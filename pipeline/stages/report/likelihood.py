@@ -128,6 +128,14 @@ def plot_dose(dose: dict) -> bytes | None:
     return _png(fig)
 
 
+CORPUS_ARMS = ("corpus", "corpus_filtered")
+
+
+def _comparison(name: str) -> str:
+    """'curated_vs_corpus_filtered' -> 'curated vs corpus filtered'."""
+    return " vs ".join(part.replace("_", " ") for part in name.split("_vs_"))
+
+
 def ablation_blocks(m: dict) -> list[Block]:
     arms, comps = m["arms"], m["comparisons"]
     prim = m["primary"]
@@ -135,8 +143,9 @@ def ablation_blocks(m: dict) -> list[Block]:
         heading(2, "Endpoint and test, fixed before the numbers"),
         para(f"Primary: **{prim['comparison'].replace('_', ' ')}**, {m['endpoint']}; {prim['test']}, alpha "
              f"{prim['alpha']}. Every arm trains on as many target tokens as the curated set "
-             f"({m['curated_exercises']} curated exercises), with the same steps, LoRA config and seeds "
-             f"({', '.join(map(str, m['seeds']))})."),
+             f"({m['curated_exercises']} curated exercises trained on"
+             + (f", of {m['curated_records']} records with the eval-loss split" if m.get("curated_records") else "")
+             + f"), with the same steps, LoRA config and seeds ({', '.join(map(str, m['seeds']))})."),
         heading(2, "Arms")]
     rows = []
     for name, a in arms.items():
@@ -149,22 +158,27 @@ def ablation_blocks(m: dict) -> list[Block]:
                      f"{100 * p1['finetuned']:.1f}% ({p1['subset']})" if p1 else "-"])
     blocks.append(table(["arm", "HumanEval NLL (mean over seeds)", "sd over seeds", "held-out NLL", "records per seed",
                          "target tokens per seed", "greedy pass@1 (seed 0)"], rows))
+    if any(a in arms for a in CORPUS_ARMS):
+        blocks.append(para("corpus: the corpus stage's natural code (documented functions as exercises), curated "
+                           "but not filtered; corpus_filtered: the same, only the snippets its educational-value "
+                           "classifier kept. corpus filtered vs corpus is the filter's own effect at equal target "
+                           "tokens."))
     png = plot_arms(arms)
     if png:
         blocks.append(image("ablation_arms.png", "NLL per arm and seed", png))
-    blocks.append(heading(2, "Paired comparisons (curated - other)"))
+    blocks.append(heading(2, "Paired comparisons (first - second)"))
     crows = []
     for name, c in comps.items():
-        crows.append([name.replace("_", " "), c["n"], f"{c['delta_nll']:+.4f}", _ci(c["ci95"]), _p(c["p_value"]),
+        crows.append([_comparison(name), c["n"], f"{c['delta_nll']:+.4f}", _ci(c["ci95"]), _p(c["p_value"]),
                       _p(c["wilcoxon_p"]), f"{c['problems_lower']} / {c['problems_higher']}",
                       f"{c['heldout']['delta_nll']:+.4f} (p {_p(c['heldout']['p_value'])})" if "heldout" in c else "-"])
     blocks.append(table(["comparison", "problems", "delta NLL", "95% CI", "p (sign-flip)", "p (Wilcoxon)",
-                         "curated lower / higher", "held-out delta"], crows))
+                         "first lower / higher", "held-out delta"], crows))
     split_rows = []
     for name, c in comps.items():
         for level, groups in sorted(c.get("table3", {}).items(), key=lambda kv: -float(kv[0])):
             for key, g in groups.items():
-                split_rows.append([name.replace("_", " "), level, key.replace("_", "-"), g["n"],
+                split_rows.append([_comparison(name), level, key.replace("_", "-"), g["n"],
                                    f"{g['delta_nll']:+.4f}", _p(g["p_value"])])
     if split_rows:
         blocks += [para("The same comparisons on HumanEval problems similar / non-similar to the curated data "
