@@ -34,12 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Every committed (git-tracked) artifact, by model. The evaluate runs under eval/ (the showcase and the validation
 # included) are the same artifacts as eval/metrics.json and eval/per_problem.json.
-EVAL_RUNS = sorted(p.parent for p in REPO.glob("eval/**/per_problem.json") if p.parent != REPO / "eval/ablation")
+# An ablation's folder (eval/ablation, eval/showcase/ablation) holds the ablation's own two files.
+ABLATIONS = [REPO / "eval/ablation", REPO / "eval/showcase/ablation"]
+EVAL_RUNS = sorted(p.parent for p in REPO.glob("eval/**/per_problem.json") if p.parent not in ABLATIONS)
 COMMITTED = [
     *[(EvalMetrics, d / "metrics.json") for d in EVAL_RUNS],
     *[(PerProblem, d / "per_problem.json") for d in EVAL_RUNS],
-    (AblationMetrics, REPO / "eval/ablation/metrics.json"),
-    (AblationPerProblem, REPO / "eval/ablation/per_problem.json"),
+    *[(AblationMetrics, d / "metrics.json") for d in ABLATIONS],
+    *[(AblationPerProblem, d / "per_problem.json") for d in ABLATIONS],
     (GenerateStats, REPO / "data/generate/stats.json"),
     (FilterStats, REPO / "data/filter/stats.json"),
     (DedupeStats, REPO / "data/dedupe/stats.json"),

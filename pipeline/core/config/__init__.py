@@ -62,14 +62,14 @@ from pipeline.core.config.training import (
     ScratchModelConfig,
 )
 from pipeline.core.config.validation import KeyDoc, build, config_error, describe, require, section, to_dict
-from pipeline.core.fields import ConfigError, check, opt
+from pipeline.core.fields import ConfigError
 
 __all__ = [
     "CORPUS_UNITS", "DEFAULT_ALLOWED_IMPORTS", "DEFAULT_PROFILE", "DEFAULT_SAMPLE_PROMPTS", "RECORD_KINDS",
     "REPO_ROOT", "ClientConfig", "ConfigError", "ControlsConfig", "CorpusConfig", "DecontaminateConfig",
     "DedupeConfig", "EvaluateConfig", "FilterConfig", "FinetuneConfig", "GGUFPart", "GGUFSpec", "GenerateConfig",
     "KeyDoc", "ModelPreset", "PretrainConfig", "Price", "RunConfig", "SamplingConfig", "SandboxConfig",
-    "ScratchModelConfig", "ServerConfig", "TopicsConfig", "build", "check", "config_error", "configs_dir",
-    "deep_merge", "describe", "installed_engine_version", "load_config", "load_preset", "opt", "parse_override",
+    "ScratchModelConfig", "ServerConfig", "TopicsConfig", "build", "config_error", "configs_dir",
+    "deep_merge", "describe", "installed_engine_version", "load_config", "load_preset", "parse_override",
     "read_yaml", "register_engine_versions", "require", "resolved_dict", "section", "shadowed", "to_dict",
 ]
