@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.core.asserts import assert_harness, keep_asserts, observed_assert, parse_report, split_units
+from pipeline.core.asserts import (
+    AssertOutcome,
+    assert_harness,
+    describe_failure,
+    keep_asserts,
+    observed_assert,
+    parse_report,
+    split_units,
+)
 from pipeline.sandbox import Sandbox, SandboxConfig
 from pipeline.sandbox.asserts import run_asserts
 
@@ -71,3 +79,14 @@ def test_observed_assert_rewrites_only_equalities_with_values_that_read_back(san
     passed = next(o for o in run_asserts(sandbox, [(PROGRAM, "assert inc(1) == 2\n")])[0].outcomes)
     assert observed_assert(split_units("assert inc(1) == 2\n")[0], passed) is None
     assert keep_asserts(tests, {0, 2}, {0: got[0]}) == "assert inc(2) == 3\nassert inc(-1.5) == 9\n"
+
+
+def test_a_failure_reads_the_same_on_every_run():
+    """A default repr's memory address changes from run to run; the reason written to the rejects
+    side file must not, or the same input gives a different file."""
+    unit = split_units("assert pairs([1], [2]) == [(1, 2)]\n")[0]
+    lines = {describe_failure(unit, AssertOutcome(unit.index, "failed", [f"<zip object at {addr}>", "[(1, 2)]"]))
+             for addr in ("0x7f270eaaab40", "0x7f1048dc70c0")}
+    assert lines == {"`assert pairs([1], [2]) == [(1, 2)]` failed: `pairs([1], [2])` is <zip object>, expected [(1, 2)]"}
+    raised = describe_failure(unit, AssertOutcome(unit.index, "error", "TypeError: <object object at 0xdeadbeef1>"))
+    assert raised.endswith("raised TypeError: <object object>")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -117,14 +118,19 @@ def parse_report(output: str, nonce: str) -> list[AssertOutcome] | None:
         return None
 
 
+# A default repr names a memory address (`<zip object at 0x7f27...>`) that differs from run to run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def describe_failure(unit: Unit, outcome: AssertOutcome) -> str:
-    """One line for a person (or the teacher) about a failed unit."""
+    """One line for a person (or the teacher) about a failed unit; the same line on every run (memory
+    addresses in reprs are dropped), so the rejects side file is reproducible."""
     first = " ".join(unit.source.split())
     first = first if len(first) <= 200 else first[:200] + "..."
     if outcome.status == "error":
-        return f"`{first}` raised {outcome.detail}"
+        return f"`{first}` raised {_ADDRESS.sub('', str(outcome.detail))}"
     if unit.sides and isinstance(outcome.detail, list) and len(outcome.detail) == 2:
-        left, right = outcome.detail
+        left, right = (_ADDRESS.sub("", str(side)) for side in outcome.detail)
         return f"`{first}` failed: `{unit.sides[0]}` is {left}, expected {right}"
     return f"`{first}` failed"
 
