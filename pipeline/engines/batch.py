@@ -47,8 +47,6 @@ from pipeline.engines.llm import (
     LLMResult,
     RequestCache,
     RequestsFailed,
-    _classify,
-    _server_said,
     is_fatal,
     length_retry,
     parse_answer,
@@ -59,6 +57,7 @@ from pipeline.engines.llm import (
     scrub,
     worst_case_usd,
 )
+from pipeline.engines.llm.errors import _classify, _server_said  # the client's own error classification
 
 log = logging.getLogger(__name__)
 

@@ -61,8 +61,6 @@ from pipeline.engines.llm.errors import (
     rejection,
     scrub,
 )
-from pipeline.engines.llm.errors import _classify as _classify  # for the Batch API (pipeline.engines.batch)
-from pipeline.engines.llm.errors import _server_said as _server_said
 from pipeline.engines.llm.protocol import (
     LLMRequest,
     LLMResult,
