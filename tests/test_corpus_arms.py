@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.core.artifacts import AblationMetrics, FinetuneMetrics
-from pipeline.core.config import ConfigError, ModelPreset, load_config
+from pipeline.core.config import ConfigError, ModelPreset, load_config, load_preset
 from pipeline.core.records import write_jsonl
 from pipeline.stages.finetune import run_finetune, source_records, target_token_counts
 
@@ -280,3 +280,17 @@ def test_the_finetune_stage_depends_on_the_corpus_arms_data():
     deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]["deps"]
     cfg = load_config(REPO / "params.yaml")
     assert cfg.finetune.corpus_dir in deps and cfg.finetune.corpus_kept in deps
+
+
+def test_corpus_folders_decide_only_the_corpus_arms_fingerprint(tmp_path):
+    """Where the corpus lives is a training key of the corpus arms only: moving it keeps every other arm's
+    checkpoints (and the runs trained before the corpus keys existed resume)."""
+    from pipeline.engines.training.checkpoints import run_fingerprint
+
+    preset = load_preset("gemma-3-270m", REPO / "configs")
+    moved = ["finetune.corpus_dir=elsewhere/unfiltered", "finetune.corpus_kept=elsewhere/kept.jsonl"]
+    for source in ("curated", "rejected", "natural", "corpus", "corpus_filtered"):
+        here, there = (load_config(REPO / "params.yaml", [f"finetune.source={source}", *extra]).finetune
+                       for extra in ([], moved))
+        same = run_fingerprint(here, 0, preset, "d") == run_fingerprint(there, 0, preset, "d")
+        assert same is (source not in ("corpus", "corpus_filtered")), source

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 # only the container dtype of the same 4-bit values.
 NOT_TRAINING_KEYS = ("output_dir", "merge", "export_gguf", "num_threads", "logging_steps", "eval_steps",
                      "quant_storage")
+# Where the corpus arms' data is: no other arm reads it (its records are in the fingerprint anyway), so moving the
+# corpus keeps the other arms' checkpoints, and runs trained before these keys existed resume.
+CORPUS_SOURCES = ("corpus", "corpus_filtered")
+CORPUS_KEYS = ("corpus_dir", "corpus_kept")
 # Checkpoints kept: the previous one survives a kill during the newest one's save.
 SAVE_TOTAL_LIMIT = 2
 
@@ -38,8 +42,10 @@ SAVE_TOTAL_LIMIT = 2
 
 
 def training_keys(ft: FinetuneConfig) -> dict:
-    """The config keys that decide the trained weights (all but NOT_TRAINING_KEYS)."""
-    return {k: v for k, v in asdict(ft).items() if k not in NOT_TRAINING_KEYS}
+    """The config keys that decide the trained weights (all but NOT_TRAINING_KEYS, and the corpus arms'
+    folders outside those arms)."""
+    skip = NOT_TRAINING_KEYS if getattr(ft, "source", None) in CORPUS_SOURCES else NOT_TRAINING_KEYS + CORPUS_KEYS
+    return {k: v for k, v in asdict(ft).items() if k not in skip}
 
 
 def dataset_sha(records: list[dict]) -> str:
