@@ -236,6 +236,32 @@ def test_ablation_metrics_with_the_corpus_arms_parse_and_the_report_shows_them(t
     assert committed.curated_records is None and "curated_records" not in committed.dump()
 
 
+def test_ablation_report_describes_the_corpus_its_corpus_arms_came_from(tmp_path):
+    """The report ends with the corpus stage's own description of `{data}/corpus/select/stats.json` (the
+    classifier's held-out metrics, the teacher's self-agreement), and that file is copied beside metrics.json."""
+    from pipeline.core.artifacts import CorpusSelectStats
+    from pipeline.stages.report.likelihood import write_ablation_report
+
+    ab_mod = load_ablation()
+    (tmp_path / "corpus/select").mkdir(parents=True)
+    stats = CorpusSelectStats.read(REPO / "tests/data/corpus_stats.json")
+    stats.write(tmp_path / "corpus/select/stats.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    ab = ab_mod.Ablation(ab_mod.argparse.Namespace(set=[], data=str(tmp_path), heldout_fraction=0.1, work="w",
+                                                   out=str(out)))
+    blocks = ab_mod.corpus_blocks(ab)
+    assert CorpusSelectStats.read(out / "corpus_stats.json") == stats
+    write_ablation_report(json.loads((REPO / "eval/ablation/metrics.json").read_text()), out, blocks)
+    md = (out / "report.md").read_text()
+    assert "## Natural code corpus" in md and f"| accuracy | {stats.classifier.accuracy:.3f} |" in md
+    assert f"| quadratic-weighted kappa | {stats.self_agreement.kappa_quadratic:.3f} |" in md
+    # No corpus built under --data: the section says so in one line, and nothing is copied.
+    empty = ab_mod.Ablation(ab_mod.argparse.Namespace(set=[], data=str(tmp_path / "none"), heldout_fraction=0.1,
+                                                      work="w", out=str(tmp_path / "out2")))
+    assert "Not run" in json.dumps(ab_mod.corpus_blocks(empty)) and not (tmp_path / "out2").exists()
+
+
 def _set_words(text: str) -> list[str]:
     """The key=value words of a command's arguments."""
     return [w for w in shlex.split(text) if w not in ("--set", "-q")]

@@ -162,6 +162,20 @@ def similarity_split(path: Path) -> dict[str, dict[str, list[str]]]:
     return {lvl: {"similar": v["similar"], "non_similar": v["non_similar"]} for lvl, v in levels.items()}
 
 
+def corpus_blocks(ab: Ablation) -> list:
+    """The corpus arms' source, described as the report stage describes a run's corpus (sources, counts, the
+    teacher's ratings and self-agreement, the classifier's held-out metrics, examples), its stats.json copied
+    beside metrics.json as corpus_stats.json."""
+    from pipeline.core.corpus_stats import read_corpus_stats
+    from pipeline.stages.report.corpus import corpus_section
+
+    cfg = ab.cfg([f"corpus.output_dir={ab.opts.data}/corpus/select"])
+    stats = read_corpus_stats(cfg)
+    if stats is not None:
+        stats.write(ab.out / "corpus_stats.json")
+    return corpus_section(cfg, stats)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data", help="The run's data folder (dataset/, controls/, decontaminate/, and corpus/ for "
@@ -292,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     per_problem.write(ab.out / "per_problem.json")
     from pipeline.stages.report.likelihood import write_ablation_report
 
-    write_ablation_report(model.dump(), ab.out)
+    write_ablation_report(model.dump(), ab.out, corpus_blocks(ab) if any(a in CORPUS_ARMS for a in opts.arms) else [])
     log(f"done in {metrics['wall_s']} s: {ab.out}/metrics.json")
     return 0
 

@@ -205,9 +205,10 @@ def ablation_blocks(m: dict) -> list[Block]:
     return blocks
 
 
-def write_ablation_report(metrics: dict, out_dir: Path) -> None:
-    """report.md, report.html and plots/ of an ablation's metrics.json."""
-    blocks = ablation_blocks(metrics)
+def write_ablation_report(metrics: dict, out_dir: Path, extra: list[Block] = ()) -> None:
+    """report.md, report.html and plots/ of an ablation's metrics.json; `extra` blocks go at the end (the corpus
+    the corpus arms came from)."""
+    blocks = ablation_blocks(metrics) + list(extra)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for b in blocks:
