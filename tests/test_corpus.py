@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from pipeline.cli import main as cli
 from pipeline.core.config import ConfigError, load_config
@@ -210,13 +211,33 @@ def test_the_forest_learns_a_separable_signal_and_not_noise():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 16)).astype(np.float32)
     y = (X[:, 0] > 0).astype(int)
-    forest, m = classify.train(X, y, trees=50, heldout_fraction=0.25, seed=1)
+    forest, m, tr, oob = classify.train(X, y, trees=50, heldout_fraction=0.25, seed=1, keep_fraction=0.3,
+                                        threshold=0.0)
     assert m["train"] == 150 and m["heldout"] == 50 and m["roc_auc"] > 0.9 and m["precision"] > 0.8
-    _, noise = classify.train(X, rng.integers(0, 2, 200), trees=50, heldout_fraction=0.25, seed=1)
+    # The selection rule on the held-out rows: the top 30% (15 of 50) are nearly all positive.
+    assert m["heldout_kept"] == 15 and m["precision_at_keep"] > 0.9 and m["lift_at_keep"] > 1.6
+    assert len(tr) == len(oob) == 150 and roc_auc_score(y[tr], oob) > 0.9
+    noise_y = rng.integers(0, 2, 200)
+    forest, noise, tr, oob = classify.train(X, noise_y, trees=50, heldout_fraction=0.25, seed=1, keep_fraction=0.3,
+                                            threshold=0.0)
     assert noise["roc_auc"] < 0.75
+    # On labels it cannot learn, the forest's own fit still "ranks" its training rows perfectly; their
+    # out-of-bag scores do not, so the corpus scores of the rated snippets are not inflated.
+    assert roc_auc_score(noise_y[tr], classify.positive_proba(forest, X[tr])) > 0.99
+    assert roc_auc_score(noise_y[tr], oob) < 0.7 and not np.isnan(oob).any()
     packed = classify.unpack([classify.pack(v) for v in X[:3]])
     assert np.allclose(packed, X[:3], atol=1e-2)
     assert np.allclose(classify.positive_proba(forest, packed), classify.positive_proba(forest, X[:3]), atol=0.05)
+
+
+def test_the_selection_rules_held_out_metrics():
+    kept = np.array([True, True, True, False, False, False, False, False])
+    y = np.array([1, 1, 0, 1, 0, 0, 0, 0])
+    assert classify.at_keep(y, kept) == {"heldout_kept": 3, "precision_at_keep": 0.6667, "recall_at_keep": 0.6667,
+                                         "lift_at_keep": 1.778}
+    assert classify.at_keep(np.zeros(8, dtype=int), kept) == {
+        "heldout_kept": 3, "precision_at_keep": 0.0, "recall_at_keep": None, "lift_at_keep": None}
+    assert classify.at_keep(y, np.zeros(8, dtype=bool))["precision_at_keep"] is None
 
 
 @pytest.mark.parametrize(("override", "key"), [
@@ -350,6 +371,7 @@ def test_select_rates_a_sample_trains_scores_and_keeps_the_educational_half(corp
                                        "kappa_quadratic": 1.0}
     clf = stats["classifier"]
     assert clf["train"] + clf["heldout"] == 24 and clf["roc_auc"] >= 0.9 and clf["recall"] >= 0.75
+    assert clf["scored_out_of_bag"] == clf["train"] and clf["heldout_kept"] == 3 and clf["precision_at_keep"] >= 0.6
     assert stats["selection"]["kept_fraction"] == 0.5 and stats["selection"]["kept_by_unit"] == {"function": 20}
     # The teacher's "5"s are the teaching functions: the kept half is theirs.
     kept = read_jsonl(out / "kept.jsonl", required=("text", "score"))

@@ -15,7 +15,14 @@ import pytest
 import yaml
 
 from pipeline.core.artifacts import AblationMetrics, FinetuneMetrics
-from pipeline.core.config import ConfigError, ModelPreset, load_config, load_preset
+from pipeline.core.config import (
+    CORPUS_SOURCES,
+    FINETUNE_SOURCES,
+    ConfigError,
+    ModelPreset,
+    load_config,
+    load_preset,
+)
 from pipeline.core.records import write_jsonl
 from pipeline.stages.finetune import run_finetune, source_records, target_token_counts
 
@@ -315,8 +322,8 @@ def test_corpus_folders_decide_only_the_corpus_arms_fingerprint(tmp_path):
 
     preset = load_preset("gemma-3-270m", REPO / "configs")
     moved = ["finetune.corpus_dir=elsewhere/unfiltered", "finetune.corpus_kept=elsewhere/kept.jsonl"]
-    for source in ("curated", "rejected", "natural", "corpus", "corpus_filtered"):
+    for source in FINETUNE_SOURCES:
         here, there = (load_config(REPO / "params.yaml", [f"finetune.source={source}", *extra]).finetune
                        for extra in ([], moved))
         same = run_fingerprint(here, 0, preset, "d") == run_fingerprint(there, 0, preset, "d")
-        assert same is (source not in ("corpus", "corpus_filtered")), source
+        assert same is (source not in CORPUS_SOURCES), source

@@ -266,7 +266,8 @@ def test_report_says_what_the_corpus_holds(tmp_path, monkeypatch):
     assert _row(md, "kept") == ["kept", "25 (20.3%)"] and _row(md, "rated by the teacher")[1] == "24"
     assert _row(md, "same rating / within one point")[1] == "50.0% / 66.7%"
     assert _row(md, "quadratic-weighted kappa")[1] == "0.491"
-    assert _row(md, "precision")[1] == "0.000" and _row(md, "recall")[1] == "0.000" and _row(md, "ROC AUC")[1] == "-"
+    assert _row(md, "precision, recall, F1, accuracy at P >= 0.5")[1] == "0.000, 0.000, 0.000, 1.000"
+    assert _row(md, "ROC AUC")[1] == "-"
     assert "the held-out ratings are all of one label" in _row(md, "note")[1]
     assert "Highest, score 1.0000, `_header_value_parser.py` (function):" in section
     assert "```python\nfrom email import errors\n\ndef get_group_list(value):" in section

@@ -45,12 +45,17 @@ from pipeline.core.artifacts import (  # noqa: E402
     EvalMetrics,
     FinetuneMetrics,
 )
-from pipeline.core.config import configs_dir, load_config, load_preset  # noqa: E402
+from pipeline.core.config import (  # noqa: E402
+    CORPUS_SOURCES,
+    FINETUNE_SOURCES,
+    configs_dir,
+    load_config,
+    load_preset,
+)
 from pipeline.core.significance import paired_comparison, trend_test  # noqa: E402
 
 PRIMARY = "curated_vs_rejected"
-ARMS = ("curated", "rejected", "natural", "corpus", "corpus_filtered")  # finetune.source
-CORPUS_ARMS = ("corpus", "corpus_filtered")
+ARMS = FINETUNE_SOURCES
 # (first, second) of every paired comparison, first - second: curated against each other arm, and the corpus
 # filter's own question, filtered against unfiltered natural code at equal tokens.
 COMPARISONS = (*[("curated", other) for other in ("base", *ARMS[1:])], ("corpus_filtered", "corpus"))
@@ -86,7 +91,7 @@ class Ablation:
         """The overrides that make a run of `arm`: its source and seed, and for the corpus arms where the corpus
         is (only theirs, so the other arms' finished runs keep their keys)."""
         corpus = [f"finetune.corpus_dir={self.opts.data}/corpus/unfiltered",
-                  f"finetune.corpus_kept={self.opts.data}/corpus/select/kept.jsonl"] if arm in CORPUS_ARMS else []
+                  f"finetune.corpus_kept={self.opts.data}/corpus/select/kept.jsonl"] if arm in CORPUS_SOURCES else []
         return [f"finetune.source={arm}", f"finetune.seed={seed}", *corpus]
 
     def finetune(self, name: str, extra: list[str], gguf: bool) -> tuple[list[str], FinetuneMetrics]:
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true")
     opts = ap.parse_args(argv)
     ab = Ablation(opts)
-    for arm in [a for a in opts.arms if a in CORPUS_ARMS]:  # a corpus not built fails now, before any training
+    for arm in [a for a in opts.arms if a in CORPUS_SOURCES]:  # a corpus not built fails now, before any training
         from pipeline.core.config import ConfigError
         from pipeline.stages.finetune import corpus_records
 
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     per_problem.write(ab.out / "per_problem.json")
     from pipeline.stages.report.likelihood import write_ablation_report
 
-    write_ablation_report(model.dump(), ab.out, corpus_blocks(ab) if any(a in CORPUS_ARMS for a in opts.arms) else [])
+    write_ablation_report(model.dump(), ab.out, corpus_blocks(ab) if any(a in CORPUS_SOURCES for a in opts.arms) else [])
     log(f"done in {metrics['wall_s']} s: {ab.out}/metrics.json")
     return 0
 

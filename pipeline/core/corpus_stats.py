@@ -19,6 +19,10 @@ from pipeline.core.config import RunConfig
 
 EXCERPT_LINES = 8  # a top / bottom example is shown as its first lines...
 EXCERPT_CHARS = 480  # ...and at most this many characters
+# Below these, the card and report say the filter is close to a random selection: a quadratic kappa under 0.2 is
+# "slight" agreement (Landis and Koch), and a ROC AUC under 0.6 ranks little better than a coin.
+WEAK_KAPPA = 0.2
+WEAK_AUC = 0.6
 
 
 def corpus_stats_path(cfg: RunConfig) -> Path:
@@ -127,9 +131,26 @@ def corpus_summary(stats: CorpusSelectStats, cfg: RunConfig) -> dict[str, Any]:
         teacher_rows.append(["self-agreement", "not measured (`corpus.agreement_repeats: 0`)"])
     clf_rows = [["trained on / held out", f"{_n(clf.train)} / {_n(clf.heldout)} ratings "
                  f"({_n(clf.heldout_positive)} held-out positives, base rate {_f(clf.heldout_base_rate)})"],
-                ["precision", _f(clf.precision)], ["recall", _f(clf.recall)], ["F1", _f(clf.f1)],
-                ["accuracy", _f(clf.accuracy)], ["ROC AUC", _f(clf.roc_auc)],
-                ["lowest kept score", _f(sel.lowest_kept_score, 4)]]
+                ["ROC AUC", _f(clf.roc_auc)]]
+    if clf.precision_at_keep is not None or clf.recall_at_keep is not None:
+        clf_rows.append([f"the selection rule ({rule}) on the held-out ratings: kept, precision, recall, lift "
+                         "(1.0: a random selection)", f"{_n(clf.heldout_kept)}, {_f(clf.precision_at_keep)}, "
+                         f"{_f(clf.recall_at_keep)}, {_f(clf.lift_at_keep, 2)}"])
+    clf_rows += [["precision, recall, F1, accuracy at P >= 0.5",
+                  f"{_f(clf.precision)}, {_f(clf.recall)}, {_f(clf.f1)}, {_f(clf.accuracy)}"],
+                 ["lowest kept score", _f(sel.lowest_kept_score, 4)]]
+    if clf.scored_out_of_bag:
+        clf_rows.append(["training ratings scored out-of-bag", _n(clf.scored_out_of_bag)])
+    weak = [why for why, bad in (
+        (f"the teacher barely agrees with itself (quadratic kappa {_f(agree.kappa_quadratic)})",
+         agree.kappa_quadratic is not None and agree.kappa_quadratic < WEAK_KAPPA),
+        (f"the classifier ranks held-out snippets little better than chance (ROC AUC {_f(clf.roc_auc)})",
+         clf.roc_auc is not None and clf.roc_auc < WEAK_AUC)) if bad]
+    if weak:
+        remedy = ("a stronger teacher (`corpus.teacher`)" if "teacher" in weak[0]
+                  else "more ratings (`corpus.annotate`) or another `corpus.embedding_model`")
+        clf_rows.append(["note", "; ".join(weak) + f": the kept share is close to a random one; {remedy} is the "
+                         "remedy"])
     if clf.heldout_positive == 0 or clf.heldout_positive == clf.heldout:
         clf_rows.append(["note", "the held-out ratings are all of one label: precision, recall, F1 and ROC AUC "
                          "measure nothing here (a larger `corpus.annotate`)"])

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from pipeline.core.artifacts import FinetuneMetrics
-from pipeline.core.config import ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
+from pipeline.core.config import CORPUS_SOURCES, ConfigError, ModelPreset, RunConfig, configs_dir, load_preset
 from pipeline.core.records import RecordError, iter_jsonl, write_jsonl
 from pipeline.core.stage import stage_cli, write_resolved_config
 from pipeline.engines.training import (
@@ -156,7 +156,7 @@ def corpus_records(ft) -> tuple[list[dict], dict]:
 
 def arm_records(ft) -> tuple[list[dict], dict]:
     """A control arm's records (`finetune.source`, not curated) and where they came from."""
-    if ft.source in ("corpus", "corpus_filtered"):
+    if ft.source in CORPUS_SOURCES:
         return corpus_records(ft)
     folder = Path(ft.rejected_dir if ft.source == "rejected" else ft.natural_dir)
     arm = [r for r in load_records(folder, f"finetune.{ft.source}_dir") if r["kind"] in ft.kinds]

@@ -112,12 +112,19 @@ class Classifier(Section):
     heldout: int = F("Ratings held out.")
     train_positive: int = F("Positive training ratings.")
     heldout_positive: int = F("Positive held-out ratings.")
-    precision: Num = F("Held-out precision.")
-    recall: Num = F("Held-out recall.")
-    f1: Num = F("Held-out F1.")
-    accuracy: Num = F("Held-out accuracy.")
+    precision: Num = F("Held-out precision at P >= 0.5.")
+    recall: Num = F("Held-out recall at P >= 0.5.")
+    f1: Num = F("Held-out F1 at P >= 0.5.")
+    accuracy: Num = F("Held-out accuracy at P >= 0.5.")
     roc_auc: Num | None = F("Held-out ROC AUC (None: one label held out).")
     heldout_base_rate: Num | None = F("Share of positives held out.")
+    heldout_kept: int | None = F("Held-out ratings the selection rule keeps (the top keep_fraction of their "
+                                 "scores, or those over the threshold).", None)
+    precision_at_keep: Num | None = F("Share of those rated educational.", None)
+    recall_at_keep: Num | None = F("Share of the held-out educational ratings kept.", None)
+    lift_at_keep: Num | None = F("precision_at_keep over the base rate: 1.0 is a random selection's.", None)
+    scored_out_of_bag: int | None = F("Training ratings whose corpus score is out-of-bag (from the trees that did "
+                                      "not see them), not the forest's own fit.", None)
     embedding_model: str = F("corpus.embedding_model.")
     positive_score: int = F("The rating cut learned.")
 

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel
 
 from pipeline.core.artifacts.base import F, Num, Section, Toggled
+from pipeline.core.config.training import FinetuneSource
 
 
 class Examples(Section):
@@ -96,7 +97,7 @@ class FinetuneMetrics(TrainingMetrics):
     records_used: int | None = F("Records given to training (before its eval split).", None)
     heldout_records: int | None = F("Records held out before training (the held-out benchmark).", None)
     training_seed: int | None = F("seed + finetune.seed.", None)
-    source: Literal["curated", "rejected", "natural", "corpus", "corpus_filtered"] | None = F("finetune.source.", None)
+    source: FinetuneSource | None = F("finetune.source.", None)
     source_dir: str | None = F("A control arm's folder.", None)
     source_kept: str | None = F("corpus_filtered: the corpus stage's kept.jsonl the arm is restricted to.", None)
     source_records: int | None = F("Records of the control arm.", None)

@@ -55,9 +55,12 @@ from pipeline.core.config.presets import (
 )
 from pipeline.core.config.shared import ClientConfig, SamplingConfig, SandboxConfig
 from pipeline.core.config.training import (
+    CORPUS_SOURCES,
     DEFAULT_SAMPLE_PROMPTS,
+    FINETUNE_SOURCES,
     RECORD_KINDS,
     FinetuneConfig,
+    FinetuneSource,
     PretrainConfig,
     ScratchModelConfig,
 )
@@ -65,9 +68,9 @@ from pipeline.core.config.validation import KeyDoc, build, config_error, describ
 from pipeline.core.fields import ConfigError
 
 __all__ = [
-    "CORPUS_UNITS", "DEFAULT_ALLOWED_IMPORTS", "DEFAULT_PROFILE", "DEFAULT_SAMPLE_PROMPTS", "RECORD_KINDS",
+    "CORPUS_SOURCES", "CORPUS_UNITS", "DEFAULT_ALLOWED_IMPORTS", "DEFAULT_PROFILE", "DEFAULT_SAMPLE_PROMPTS", "RECORD_KINDS",
     "REPO_ROOT", "ClientConfig", "ConfigError", "ControlsConfig", "CorpusConfig", "DecontaminateConfig",
-    "DedupeConfig", "EvaluateConfig", "FilterConfig", "FinetuneConfig", "GGUFPart", "GGUFSpec", "GenerateConfig",
+    "DedupeConfig", "EvaluateConfig", "FINETUNE_SOURCES", "FilterConfig", "FinetuneConfig", "FinetuneSource", "GGUFPart", "GGUFSpec", "GenerateConfig",
     "KeyDoc", "ModelPreset", "PretrainConfig", "Price", "RunConfig", "SamplingConfig", "SandboxConfig",
     "ScratchModelConfig", "ServerConfig", "TopicsConfig", "build", "config_error", "configs_dir",
     "deep_merge", "describe", "installed_engine_version", "load_config", "load_preset", "parse_override",

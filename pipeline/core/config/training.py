@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
@@ -15,6 +15,11 @@ from pipeline.core.fields import ConfigError
 from pipeline.core.records import sha256_tree
 
 RECORD_KINDS = ("exercise", "textbook")
+# What phase 2 can train on (finetune.source): the curated dataset or a control arm. The corpus arms read the
+# corpus stage's output (finetune.corpus_dir, corpus_kept); no other arm does.
+FinetuneSource = Literal["curated", "rejected", "natural", "corpus", "corpus_filtered"]
+FINETUNE_SOURCES: tuple[str, ...] = get_args(FinetuneSource)
+CORPUS_SOURCES = ("corpus", "corpus_filtered")
 
 
 @section("pretrain.scratch")
@@ -121,7 +126,7 @@ class FinetuneConfig:
         "of one seed are nested (the first N of one shuffle): the data-volume axis of a "
         "pass@1-against-examples curve.")
     output_dir: StrictStr = Field("data/finetune", description="Adapter, GGUF adapter, checkpoints, metrics.")
-    source: Literal["curated", "rejected", "natural", "corpus", "corpus_filtered"] = Field(
+    source: FinetuneSource = Field(
         "curated", description="What phase 2 trains on: curated (the dataset), or a control arm at the same "
         "number of target tokens (match_tokens): rejected (the teacher's exercises the filter rejected, "
         "deduped and decontaminated: isolates curation), natural (functions with docstrings from the "

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import ConfigError, FinetuneConfig, ModelPreset
+from pipeline.core.config import CORPUS_SOURCES, ConfigError, FinetuneConfig, ModelPreset
 from pipeline.core.records import atomic_folder, dumps, sha256_text, sha256_tree
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ NOT_TRAINING_KEYS = ("output_dir", "merge", "export_gguf", "num_threads", "loggi
                      "quant_storage")
 # Where the corpus arms' data is: no other arm reads it (its records are in the fingerprint anyway), so moving the
 # corpus keeps the other arms' checkpoints, and runs trained before these keys existed resume.
-CORPUS_SOURCES = ("corpus", "corpus_filtered")
 CORPUS_KEYS = ("corpus_dir", "corpus_kept")
 # Checkpoints kept: the previous one survives a kill during the newest one's save.
 SAVE_TOTAL_LIMIT = 2

@@ -135,23 +135,26 @@ def run_select(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     te = time.monotonic()
     model = load_embedder(cc.embedding_model, "corpus.embedding_model")
     load_s = time.monotonic() - te
-    rated = [(text, r["score"]) for (rid, text), r in zip(sample, rows, strict=True) if r["score"] is not None]
+    rated = [(rid, text, r["score"]) for (rid, text), r in zip(sample, rows, strict=True) if r["score"] is not None]
     if len(rated) < 10:
         raise ConfigError(f"corpus.annotate: only {len(rated)} of {len(sample)} ratings could be read "
                           f"(unparsed {ann_stats['annotation']['unparsed']}); see {out_dir / 'annotations.jsonl'}")
-    positive = annotate.split_score([s for _, s in rated], cc.positive_score)
+    positive = annotate.split_score([s for _, _, s in rated], cc.positive_score)
     if positive is None:
-        raise ConfigError(f"corpus.annotate: all {len(rated)} ratings are {rated[0][1]}: nothing for a classifier "
+        raise ConfigError(f"corpus.annotate: all {len(rated)} ratings are {rated[0][2]}: nothing for a classifier "
                           "to learn (a larger sample, or another teacher)")
     if positive != cc.positive_score:
         log.warning("corpus.positive_score=%d puts every rating on one side (histogram %s): using %d instead",
                     cc.positive_score, ann_stats["annotation"]["histogram"], positive)
     ann_stats["annotation"]["positive_score_used"] = positive
-    y = np.array([int(s >= positive) for _, s in rated])
-    X = embed(model, [t for t, _ in rated])
-    forest, metrics = classify.train(X, y, cc.trees, cc.heldout_fraction, cfg.seed)
+    y = np.array([int(s >= positive) for _, _, s in rated])
+    X = embed(model, [t for _, t, _ in rated])
+    forest, metrics, train_rows, train_scores = classify.train(X, y, cc.trees, cc.heldout_fraction, cfg.seed,
+                                                               cc.keep_fraction, cc.threshold)
+    oob = {rated[i][0]: float(s) for i, s in zip(train_rows.tolist(), train_scores, strict=True)}
     metrics["embedding_model"] = cc.embedding_model
     metrics["positive_score"] = positive
+    metrics["scored_out_of_bag"] = len(oob)
 
     # Pass 2: embed every snippet in resumable shards, score each batch.
     fingerprint = dumps({"embedding_model": cc.embedding_model, "text": "record_text-v1"})
@@ -184,6 +187,9 @@ def run_select(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     if batch:
         flush()
     embed_wall = time.monotonic() - t_embed - score_s
+    for i, rid in enumerate(ids):  # the snippets the forest trained on: their out-of-bag scores
+        if rid in oob:
+            scores[i] = oob[rid]
     reused = len(before & set(work.glob("shard-*.jsonl")))
     mask, cut = classify.keep_mask(scores, cc.keep_fraction, cc.threshold)
 
@@ -243,8 +249,9 @@ def run_select(cfg: RunConfig, config_path: Path, progress: bool = True) -> dict
     }
     model = CorpusSelectStats.parse(stats, out_dir / "stats.json")
     model.write(out_dir / "stats.json")
-    log.info("corpus: kept %d of %d snippets (held-out precision %s, recall %s, ROC AUC %s)", kept_n, n_scored,
-             metrics["precision"], metrics["recall"], metrics["roc_auc"])
+    log.info("corpus: kept %d of %d snippets (held out: ROC AUC %s; the kept share's precision %s, recall %s, "
+             "lift %s)", kept_n, n_scored, metrics["roc_auc"], metrics["precision_at_keep"], metrics["recall_at_keep"],
+             metrics["lift_at_keep"])
     return model.dump()
 
 
@@ -284,7 +291,7 @@ def summary(stats: dict) -> dict:
     if stats["step"] == "extract":
         return {"step": "extract", "files": stats["files"]["read"], "snippets": stats["snippets"]}
     return {"step": "select", **{k: stats["counts"][k] for k in ("after_decontaminate", "annotated", "kept")},
-            **{k: stats["classifier"][k] for k in ("precision", "recall", "roc_auc")},
+            **{k: stats["classifier"][k] for k in ("roc_auc", "precision_at_keep", "recall_at_keep", "lift_at_keep")},
             "self_agreement": stats["self_agreement"].get("exact")}
 
 

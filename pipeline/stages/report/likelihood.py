@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.artifacts import HumanEvalMetrics, HumanEvalSimilarity, PerProblem
+from pipeline.core.config import CORPUS_SOURCES
 from pipeline.core.records import atomic_write_text
 from pipeline.core.significance import paired_comparison
 from pipeline.stages.report.blocks import Block, _plt, _png, bullets, heading, image, para, render, table
@@ -128,8 +129,6 @@ def plot_dose(dose: dict) -> bytes | None:
     return _png(fig)
 
 
-CORPUS_ARMS = ("corpus", "corpus_filtered")
-
 
 def _comparison(name: str) -> str:
     """'curated_vs_corpus_filtered' -> 'curated vs corpus filtered'."""
@@ -158,7 +157,7 @@ def ablation_blocks(m: dict) -> list[Block]:
                      f"{100 * p1['finetuned']:.1f}% ({p1['subset']})" if p1 else "-"])
     blocks.append(table(["arm", "HumanEval NLL (mean over seeds)", "sd over seeds", "held-out NLL", "records per seed",
                          "target tokens per seed", "greedy pass@1 (seed 0)"], rows))
-    if any(a in arms for a in CORPUS_ARMS):
+    if any(a in arms for a in CORPUS_SOURCES):
         blocks.append(para("corpus: the corpus stage's natural code (documented functions as exercises), curated "
                            "but not filtered; corpus_filtered: the same, only the snippets its educational-value "
                            "classifier kept. corpus filtered vs corpus is the filter's own effect at equal target "
