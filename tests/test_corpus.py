@@ -185,7 +185,13 @@ def test_self_agreement():
     got = annotate.agreement([(5, 5), (4, 5), (2, 4), (1, 1)], positive=4)
     assert got["pairs"] == 4 and got["exact"] == 0.5 and got["within_one"] == 0.75 and got["same_label"] == 0.75
     assert 0 < got["kappa_quadratic"] < 1
+    # Labels 1,1,0,0 against 1,1,1,0: observed 0.75, by chance 0.5 x 0.75 + 0.5 x 0.25 = 0.5, kappa 0.5.
+    assert got["kappa_label"] == 0.5 and got["positive_once"] == 3 and got["positive_twice"] == 2
     assert annotate.agreement([(3, 3), (3, 3)], positive=4)["kappa_quadratic"] == 1.0
+    # A teacher that says 1 nearly always agrees with itself on the label 82% of the time by chance alone:
+    # 80% observed is below chance, and kappa says so.
+    noisy = annotate.agreement([(1, 1)] * 8 + [(4, 1), (1, 4)], positive=4)
+    assert noisy["same_label"] == 0.8 and noisy["kappa_label"] < 0 and noisy["positive_twice"] == 0
     assert annotate.agreement([], positive=4) == {"pairs": 0}
 
 
@@ -368,7 +374,9 @@ def test_select_rates_a_sample_trains_scores_and_keeps_the_educational_half(corp
     assert ann["histogram"]["5"] + ann["histogram"]["2"] == 24 and ann["histogram"]["5"] > 3
     assert ann["teacher"]["preset"] == "fake" and ann["ledger"]["requests_sent"] == 30
     assert stats["self_agreement"] == {"pairs": 6, "exact": 1.0, "within_one": 1.0, "same_label": 1.0,
-                                       "kappa_quadratic": 1.0}
+                                       "kappa_quadratic": 1.0, "kappa_label": 1.0,
+                                       "positive_once": stats["self_agreement"]["positive_twice"],
+                                       "positive_twice": stats["self_agreement"]["positive_twice"]}
     clf = stats["classifier"]
     assert clf["train"] + clf["heldout"] == 24 and clf["roc_auc"] >= 0.9 and clf["recall"] >= 0.75
     assert clf["scored_out_of_bag"] == clf["train"] and clf["heldout_kept"] == 3 and clf["precision_at_keep"] >= 0.6

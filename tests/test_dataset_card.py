@@ -212,13 +212,14 @@ def test_corpus_section_says_when_the_filter_is_close_to_random(project):
     """A teacher that barely agrees with itself and a classifier near chance: the card says the kept share is
     close to a random one, and why; the selection rule's own held-out metrics are shown."""
     weak = copy.deepcopy(CORPUS)
-    weak["self_agreement"]["kappa_quadratic"] = 0.0841
+    weak["self_agreement"].update(kappa_quadratic=0.0841, kappa_label=0.1201, positive_once=13, positive_twice=1)
     weak["classifier"].update(roc_auc=0.5132, heldout=300, heldout_positive=19, heldout_kept=60,
                               precision_at_keep=0.0667, recall_at_keep=0.2632, lift_at_keep=1.053, scored_out_of_bag=1200)
     section = corpus_card(project, weak).split("## Natural code corpus (phi-1's filtered half)", 1)[1]
     assert ("| the selection rule (the top 20.0% by score) on the held-out ratings: kept, precision, recall, lift "
             "(1.0: a random selection) | 60, 0.067, 0.263, 1.05 |") in section
     assert "| training ratings scored out-of-bag | 1,200 |" in section
+    assert "| kappa of the label | 0.120 |" in section and "| rated educational once / both times | 13 / 1 |" in section
     assert ("| note | the teacher barely agrees with itself (quadratic kappa 0.084); the classifier ranks held-out "
             "snippets little better than chance (ROC AUC 0.513): the kept share is close to a random one; a "
             "stronger teacher (`corpus.teacher`) is the remedy |") in section
@@ -253,7 +254,8 @@ def test_corpus_section_says_what_the_corpus_holds(project):
         assert volatile not in card
     assert card == corpus_card(project, copy.deepcopy(CORPUS))
     assert "| note | the held-out ratings are all of one label: precision, recall" in section  # 0 of 5 positive
-    assert "the selection rule" not in section and "out-of-bag" not in section  # stats written before them
+    for newer in ("the selection rule", "out-of-bag", "kappa of the label"):  # stats written before them
+        assert newer not in section
     # The card does not claim that a phase trained on the corpus when none did.
     assert "`pretrain.extra_corpus` does not list `data/corpus/select/kept.jsonl`: no phase trained" in section
     root, _ = project

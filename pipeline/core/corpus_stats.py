@@ -127,6 +127,10 @@ def corpus_summary(stats: CorpusSelectStats, cfg: RunConfig) -> dict[str, Any]:
                          ["same rating / within one point", f"{_pct(agree.exact)} / {_pct(agree.within_one)}"],
                          ["same label (educational or not)", _pct(agree.same_label)],
                          ["quadratic-weighted kappa", _f(agree.kappa_quadratic)]]
+        if agree.kappa_label is not None:
+            teacher_rows += [["kappa of the label", _f(agree.kappa_label)],
+                             ["rated educational once / both times", f"{_n(agree.positive_once)} / "
+                              f"{_n(agree.positive_twice)}"]]
     else:
         teacher_rows.append(["self-agreement", "not measured (`corpus.agreement_repeats: 0`)"])
     clf_rows = [["trained on / held out", f"{_n(clf.train)} / {_n(clf.heldout)} ratings "

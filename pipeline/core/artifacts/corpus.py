@@ -101,7 +101,10 @@ class SelfAgreement(Section):
     exact: Num | None = F("Share rated the same twice.", None)
     within_one: Num | None = F("Share rated within one point.", None)
     same_label: Num | None = F("Share on the same side of the cut.", None)
-    kappa_quadratic: Num | None = F("Quadratic-weighted Cohen's kappa.", None)
+    kappa_quadratic: Num | None = F("Quadratic-weighted Cohen's kappa of the ratings.", None)
+    kappa_label: Num | None = F("Cohen's kappa of the label (educational or not).", None)
+    positive_once: int | None = F("Pairs rated educational at least once.", None)
+    positive_twice: int | None = F("Pairs rated educational both times.", None)
 
 
 class Classifier(Section):

@@ -91,20 +91,30 @@ def build_requests(sample: list[tuple[str, str]], cc: CorpusConfig, preset: Mode
 
 def agreement(pairs: list[tuple[int, int]], positive: int) -> dict:
     """How often the teacher gave the same rating twice: exact, within one point, on the same side of
-    `positive`, and Cohen's quadratic-weighted kappa (chance-corrected)."""
+    `positive`, Cohen's quadratic-weighted kappa of the ratings and Cohen's kappa of the label (both
+    chance-corrected: a teacher that says 1 to nearly everything agrees with itself on the label by chance
+    alone), and of the pairs rated educational at least once, how many were rated so twice."""
     if not pairs:
         return {"pairs": 0}
-    from sklearn.metrics import cohen_kappa_score
-
     a, b = zip(*pairs, strict=True)
     n = len(pairs)
-    same = all(x == a[0] for x in a + b)
-    kappa = 1.0 if same else float(cohen_kappa_score(a, b, labels=list(range(SCALE[0], SCALE[1] + 1)),
-                                                      weights="quadratic"))
+    la, lb = [int(x >= positive) for x in a], [int(y >= positive) for y in b]
     return {"pairs": n, "exact": round(sum(x == y for x, y in pairs) / n, 4),
             "within_one": round(sum(abs(x - y) <= 1 for x, y in pairs) / n, 4),
-            "same_label": round(sum((x >= positive) == (y >= positive) for x, y in pairs) / n, 4),
-            "kappa_quadratic": round(kappa, 4)}
+            "same_label": round(sum(x == y for x, y in zip(la, lb, strict=True)) / n, 4),
+            "kappa_quadratic": _kappa(a, b, list(range(SCALE[0], SCALE[1] + 1)), "quadratic"),
+            "kappa_label": _kappa(la, lb, [0, 1], None),
+            "positive_once": sum(x or y for x, y in zip(la, lb, strict=True)),
+            "positive_twice": sum(x and y for x, y in zip(la, lb, strict=True))}
+
+
+def _kappa(a, b, labels: list[int], weights: str | None) -> float:
+    """Cohen's kappa; 1.0 when both raters gave one same value throughout (kappa is 0/0 there)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    if all(x == a[0] for x in (*a, *b)):
+        return 1.0
+    return round(float(cohen_kappa_score(a, b, labels=labels, weights=weights)), 4)
 
 
 def split_score(scores: list[int], wanted: int) -> int | None:
