@@ -261,7 +261,9 @@ def test_ablation_report_describes_the_corpus_its_corpus_arms_came_from(tmp_path
     assert CorpusSelectStats.read(out / "corpus_stats.json") == stats
     write_ablation_report(json.loads((REPO / "eval/ablation/metrics.json").read_text()), out, blocks)
     md = (out / "report.md").read_text()
-    assert "## Natural code corpus" in md and f"| accuracy | {stats.classifier.accuracy:.3f} |" in md
+    c = stats.classifier
+    assert "## Natural code corpus" in md and (f"| precision, recall, F1, accuracy at P >= 0.5 | {c.precision:.3f}, "
+                                               f"{c.recall:.3f}, {c.f1:.3f}, {c.accuracy:.3f} |") in md
     assert f"| quadratic-weighted kappa | {stats.self_agreement.kappa_quadratic:.3f} |" in md
     # No corpus built under --data: the section says so in one line, and nothing is copied.
     empty = ab_mod.Ablation(ab_mod.argparse.Namespace(set=[], data=str(tmp_path / "none"), heldout_fraction=0.1,
