@@ -145,15 +145,17 @@ def corpus_summary(stats: CorpusSelectStats, cfg: RunConfig) -> dict[str, Any]:
                  ["lowest kept score", _f(sel.lowest_kept_score, 4)]]
     if clf.scored_out_of_bag:
         clf_rows.append(["training ratings scored out-of-bag", _n(clf.scored_out_of_bag)])
-    weak = [why for why, bad in (
-        (f"the teacher barely agrees with itself (quadratic kappa {_f(agree.kappa_quadratic)})",
-         agree.kappa_quadratic is not None and agree.kappa_quadratic < WEAK_KAPPA),
-        (f"the classifier ranks held-out snippets little better than chance (ROC AUC {_f(clf.roc_auc)})",
-         clf.roc_auc is not None and clf.roc_auc < WEAK_AUC)) if bad]
-    if weak:
-        remedy = ("a stronger teacher (`corpus.teacher`)" if "teacher" in weak[0]
+    weak_teacher = agree.kappa_quadratic is not None and agree.kappa_quadratic < WEAK_KAPPA
+    weak_classifier = clf.roc_auc is not None and clf.roc_auc < WEAK_AUC
+    if weak_teacher or weak_classifier:
+        why = []
+        if weak_teacher:
+            why.append(f"the teacher barely agrees with itself (quadratic kappa {_f(agree.kappa_quadratic)})")
+        if weak_classifier:
+            why.append(f"the classifier ranks held-out snippets little better than chance (ROC AUC {_f(clf.roc_auc)})")
+        remedy = ("a stronger teacher (`corpus.teacher`)" if weak_teacher
                   else "more ratings (`corpus.annotate`) or another `corpus.embedding_model`")
-        clf_rows.append(["note", "; ".join(weak) + f": the kept share is close to a random one; {remedy} is the "
+        clf_rows.append(["note", "; ".join(why) + f": the kept share is close to a random one; {remedy} is the "
                          "remedy"])
     if clf.heldout_positive == 0 or clf.heldout_positive == clf.heldout:
         clf_rows.append(["note", "the held-out ratings are all of one label: precision, recall, F1 and ROC AUC "

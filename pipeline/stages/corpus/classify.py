@@ -81,11 +81,13 @@ def out_of_bag(forest, X: np.ndarray) -> np.ndarray:
     """Each training row's P(educational) from the trees that did not see it (in-sample where a row was in
     every bootstrap, or the forest was fit on one class)."""
     oob = getattr(forest, "oob_decision_function_", None)
-    inside = positive_proba(forest, X)
     if oob is None:
-        return inside
-    p = oob[:, list(forest.classes_).index(1)]
-    return np.where(np.isnan(p), inside, p)
+        return positive_proba(forest, X)
+    p = oob[:, list(forest.classes_).index(1)].copy()
+    missing = np.isnan(p)
+    if missing.any():  # the forest's own fit, only for those rows
+        p[missing] = positive_proba(forest, X[missing])
+    return p
 
 
 def positive_proba(forest, X: np.ndarray) -> np.ndarray:

@@ -129,7 +129,6 @@ def plot_dose(dose: dict) -> bytes | None:
     return _png(fig)
 
 
-
 def _comparison(name: str) -> str:
     """'curated_vs_corpus_filtered' -> 'curated vs corpus filtered'."""
     return " vs ".join(part.replace("_", " ") for part in name.split("_vs_"))
